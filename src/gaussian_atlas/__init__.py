@@ -1,0 +1,2 @@
+"""Gaussian Atlas."""
+__version__ = "0.1.0"

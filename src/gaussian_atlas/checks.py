@@ -1,0 +1,158 @@
+"""Data validation between stages with great-expectations.
+
+Each stage describes what it read or made as a table (one row per object)
+and runs an expectation suite over it. :func:`run_suite` returns, for every
+row that failed, the human-readable reasons, so the caller can quarantine
+exactly those objects and keep the rest. Data docs (HTML) are built into
+``docs_dir`` when given.
+
+great-expectations is imported lazily: the rest of the library works without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+__all__ = ["Check", "run_suite", "validate_ingest_facts"]
+
+ROW = "row"  # the index column every validated table carries
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation plus how to explain a failing row to a person.
+
+    ``expectation`` is a ``(class name in gx.expectations, kwargs)`` pair so
+    this module imports great-expectations only when a suite runs;
+    ``reason(row)`` builds the message from the row's values (a ``dict``).
+    ``after_read_error``: report this check even when the row already has a
+    ``read_error`` (checks that do not depend on reading the images).
+    """
+
+    expectation: tuple[str, dict[str, Any]]
+    reason: Callable[[dict[str, Any]], str]
+    after_read_error: bool = False
+
+
+def _quiet_gx() -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import logging
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+
+def run_suite(frame: pd.DataFrame, suite_name: str, checks: list[Check],
+              docs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate ``frame`` against ``checks`` with great-expectations.
+
+    Parameters
+    ----------
+    frame : table to validate; must have an integer column ``row`` that is unique.
+    suite_name : name of the expectation suite (shown in the data docs).
+    checks : the expectations and their reasons.
+    docs_dir : when given, the data docs site (``index.html`` and pages) is
+        written there, replacing what was there.
+
+    Returns
+    -------
+    dict with ``success`` (bool), ``reasons`` (row -> list of messages, failing
+    rows only), ``expectations`` (name -> number of failing rows) and
+    ``docs_index`` (path of the data docs' ``index.html`` or ``None``).
+    """
+    _quiet_gx()
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    if ROW not in frame.columns or not frame[ROW].is_unique:
+        raise ValueError(f"run_suite needs a unique '{ROW}' column")
+    project = Path(tempfile.mkdtemp(prefix="gx-"))
+    try:
+        ctx = gx.get_context(mode="file", project_root_dir=str(project))
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        ctx.variables.save()
+        source = ctx.data_sources.add_pandas(suite_name)
+        batch_def = source.add_dataframe_asset("table").add_batch_definition_whole_dataframe("all")
+        suite = gx.ExpectationSuite(name=suite_name)
+        for check in checks:
+            cls_name, kwargs = check.expectation
+            suite.add_expectation(getattr(gx.expectations, cls_name)(**kwargs))
+        suite = ctx.suites.add(suite)
+        vdef = ctx.validation_definitions.add(gx.ValidationDefinition(data=batch_def, suite=suite, name=suite_name))
+        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if docs_dir else []
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"{suite_name}_checkpoint", validation_definitions=[vdef], actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]},
+        ))
+        result = checkpoint.run(batch_parameters={"dataframe": frame})
+
+        # Match each result back to its Check by position: suites keep insertion order.
+        rows_by_id = {int(r[ROW]): r for r in frame.to_dict("records")}
+        reasons: dict[int, list[str]] = {}
+        counts: dict[str, int] = {}
+        (vres,) = result.run_results.values()
+        for check, res in zip(checks, vres.results):
+            name = f"{res.expectation_config.type}({res.expectation_config.kwargs.get('column', '')})"
+            bad = [int(u[ROW]) for u in (res.result.get("unexpected_index_list") or [])]
+            if res.exception_info and res.exception_info.get("raised_exception"):
+                raise RuntimeError(f"expectation {name} could not run: {res.exception_info.get('exception_message')}")
+            counts[name] = len(bad)
+            for r in bad:
+                row = rows_by_id[r]
+                if _present(row.get("read_error")) and not check.after_read_error:
+                    continue
+                reasons.setdefault(r, []).append(check.reason(row))
+        docs_index = None
+        if docs_dir:
+            site = project / "gx" / "uncommitted" / "data_docs" / "local_site"
+            docs_dir = Path(docs_dir)
+            if docs_dir.exists():
+                shutil.rmtree(docs_dir)
+            shutil.copytree(site, docs_dir)
+            docs_index = str(docs_dir / "index.html")
+        return {"success": bool(result.success), "reasons": reasons, "expectations": counts,
+                "docs_index": docs_index}
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+
+
+def _present(value: Any) -> bool:
+    """True for a real value; False for None/NaN (pandas 3 stores missing strings as NaN)."""
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
+def ingest_checks(cfg: Any) -> list[Check]:
+    """The ingest suite: one expectation per rule of the manifest."""
+    lo, hi = cfg.alpha_coverage_min, cfg.alpha_coverage_max
+    return [
+        Check(("ExpectColumnValuesToBeNull", {"column": "read_error"}), lambda r: r["read_error"], after_read_error=True),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "n_views", "min_value": cfg.min_views}),
+              lambda r: f"only {r['n_views']} views (at least {cfg.min_views} needed)"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "n_image_sizes", "min_value": 1, "max_value": 1}),
+              lambda r: f"views have {r['n_image_sizes']} different image sizes (all must be equal)"),
+        Check(("ExpectColumnValuesToBeInSet", {"column": "poses_finite", "value_set": [True]}),
+              lambda r: "a camera pose contains NaN or inf"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "max_rotation_error", "max_value": cfg.rotation_tol}),
+              lambda r: f"a camera rotation is not orthonormal (error {r['max_rotation_error']:.3g} > {cfg.rotation_tol:g})"),
+        Check(("ExpectColumnValuesToBeInSet", {"column": "has_alpha", "value_set": [True]}),
+              lambda r: "images have no alpha channel (RGBA with a transparent background is required)"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "alpha_coverage", "min_value": lo, "max_value": hi}),
+              lambda r: f"alpha coverage {r['alpha_coverage']:.4f} outside [{lo:g}, {hi:g}]"),
+        Check(("ExpectColumnValuesToNotBeNull", {"column": "caption"}),
+              lambda r: "no caption for this id", after_read_error=True),
+        Check(("ExpectColumnValueLengthsToBeBetween", {"column": "caption", "min_value": 1}),
+              lambda r: "empty caption", after_read_error=True),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "id_occurrence", "min_value": 1, "max_value": 1}),
+              lambda r: f"duplicate id {r['id']!r}: already taken from {r['duplicate_of']}", after_read_error=True),
+    ]
+
+
+def validate_ingest_facts(facts: pd.DataFrame, cfg: Any, docs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the ingest suite (``ingest_manifest``) over the per-object facts table."""
+    return run_suite(facts, "ingest_manifest", ingest_checks(cfg), docs_dir=docs_dir)
