@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import tempfile
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,6 +17,9 @@ from PIL import Image
 for _k, _v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
                "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false"}.items():
     os.environ.setdefault(_k, _v)
+# An isolated Prefect home for the whole session (prefect_test_harness runs in it).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 def _look_at(eye: np.ndarray) -> np.ndarray:

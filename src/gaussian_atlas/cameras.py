@@ -313,7 +313,9 @@ def camera_rays(c2w: np.ndarray, intr: Mapping[str, Any]) -> tuple[np.ndarray, n
         ],
         axis=-1,
     ).reshape(-1, 3)  # [H*W, 3]
-    dirs = d_cam @ c2w[:3, :3].T  # [H*W, 3]
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    R = c2w[:3, :3]
+    # R @ d per ray, written out: a BLAS matmul here oversubscribes cores in worker pools
+    dirs = d_cam[:, 0:1] * R[:, 0] + d_cam[:, 1:2] * R[:, 1] + d_cam[:, 2:3] * R[:, 2]  # [H*W, 3]
+    dirs /= np.sqrt(np.einsum("nd,nd->n", dirs, dirs))[:, None]
     origins = np.broadcast_to(c2w[:3, 3], dirs.shape).copy()  # [H*W, 3]
     return origins, dirs

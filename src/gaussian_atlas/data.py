@@ -37,9 +37,8 @@ import math
 import os
 import shutil
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -525,7 +524,8 @@ def load_manifest(out_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def load_object(obj_dir: str | os.PathLike, white_background: bool = True) -> dict[str, np.ndarray]:
+def load_object(obj_dir: str | os.PathLike, white_background: bool = True,
+                views: Iterable[int] | None = None) -> dict[str, np.ndarray]:
     """Load one ingested object: images and cameras as arrays.
 
     Returns
@@ -540,7 +540,8 @@ def load_object(obj_dir: str | os.PathLike, white_background: bool = True) -> di
     obj_dir = Path(obj_dir)
     meta = gio.read_json(obj_dir / "transforms.json")
     rgbs, alphas, c2ws, Ks = [], [], [], []
-    for fr in meta["frames"]:
+    frames = meta["frames"] if views is None else [meta["frames"][i] for i in views]
+    for fr in frames:
         rgba = np.asarray(Image.open(obj_dir / fr["file_path"]).convert("RGBA"), dtype=np.float32) / 255.0
         rgb, a = rgba[..., :3], rgba[..., 3]
         if white_background:

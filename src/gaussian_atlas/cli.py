@@ -1,0 +1,134 @@
+"""`gatlas`: the library's command line (the DVC stages live in stages/, the flow in flows/).
+
+Subcommands grow as stages land; `gatlas <command> --help` describes each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+the pipeline (from the repository root):
+  make demo                          set up and run every stage on the built-in dataset
+  dvc repro [STAGE]                  run the DVC pipeline (or one stage) with params.yaml
+  python -m flows.pipeline run       the same through Prefect, with an MLflow parent run
+  make ui                            MLflow UI on http://127.0.0.1:5000
+"""
+
+
+def _telemetry_off() -> None:
+    for k, v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
+                 "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        os.environ.setdefault(k, v)
+
+
+def _views_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=24, help="views per object (default: %(default)s)")
+    p.add_argument("--ring", type=int, default=16, help="views on the 20-degree elevation ring (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--supersample", type=int, default=2, help="rays per pixel side (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the camera placement (default: %(default)s)")
+
+
+def _render_cfg(args: argparse.Namespace):
+    from .cameras import ViewConfig
+    from .meshrender import RenderConfig
+
+    views = ViewConfig(n_views=args.views, n_ring=min(args.ring, args.views), resolution=args.resolution)
+    return RenderConfig(views=views, supersample=args.supersample)
+
+
+def cmd_render_mesh(args: argparse.Namespace) -> None:
+    from .meshrender import render_mesh_file
+
+    out = render_mesh_file(args.mesh, args.out, caption=args.caption, cfg=_render_cfg(args), seed=args.seed,
+                           object_id=args.id, up_axis=args.up_axis)
+    print(f"rendered {args.mesh} -> {out} (NeRF-synthetic layout: transforms.json, images/, surface_samples.npz)")
+
+
+def cmd_procedural(args: argparse.Namespace) -> None:
+    from .procedural import ProceduralConfig, generate_dataset
+
+    cfg = ProceduralConfig(n_objects=args.n_objects, seed=args.seed, workers=args.workers,
+                           composition_fraction=args.composition_fraction, render=_render_cfg(args))
+    summary = generate_dataset(cfg, Path(args.out), progress=True)
+    print(f"{summary['n_objects']} objects in {args.out} ({summary['n_rendered']} rendered now)")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from .data import IngestConfig, ingest
+
+    cfg = IngestConfig(source=args.source, captions=args.captions, layout=args.layout, min_views=args.min_views,
+                       max_quarantine_fraction=args.max_quarantine_fraction)
+    s = ingest(cfg, Path(args.out), docs_dir=Path(args.out) / "data_docs" if args.docs else None, progress=True)
+    print(f"{s['n_accepted']}/{s['n_found']} accepted, {s['n_quarantined']} quarantined "
+          f"({Path(args.out) / 'quarantine.csv'}); manifest: {Path(args.out) / 'manifest.parquet'}")
+    if s["quarantined_fraction"] > cfg.max_quarantine_fraction:
+        raise SystemExit(f"error: {s['quarantined_fraction']:.1%} quarantined, above {cfg.max_quarantine_fraction:.1%}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="gatlas", description="Gaussian Atlas: text -> 3D Gaussian splats via a "
+                                 "fine-tuned 2D diffusion model (library commands).", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"gatlas {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("render-mesh", help="render any mesh (OBJ/GLB/PLY...) into a multi-view render folder",
+                       description="Render a mesh trimesh can load (vertex colours or a texture are used) into "
+                       "the NeRF-synthetic layout the ingest stage reads: RGBA views around the object "
+                       "(a ring plus random elevations), cameras in transforms.json (OpenGL c2w, Z-up world), "
+                       "mesh surface samples, and object.json with the caption.")
+    p.add_argument("mesh", help="mesh file")
+    p.add_argument("--caption", required=True, help='text describing the object, e.g. "a wooden chair"')
+    p.add_argument("--out", required=True, help="output folder (one object)")
+    p.add_argument("--id", default=None, help="object id (default: the mesh file's stem)")
+    p.add_argument("--up-axis", choices=["x", "y", "z", "-x", "-y", "-z"], default=None,
+                   help="the mesh's up axis (default: z; GLB/GLTF files are y-up by spec)")
+    _views_args(p)
+    p.set_defaults(fn=cmd_render_mesh)
+
+    p = sub.add_parser("procedural", help="render the built-in procedural dataset into a folder",
+                       description="Primitives (cube, sphere, cylinder, cone, torus, capsule, pyramid, ...) in named "
+                       "colours and two-part compositions, each with a caption.")
+    p.add_argument("--out", required=True, help="dataset folder")
+    p.add_argument("--n-objects", type=int, default=48, help="objects (default: %(default)s)")
+    p.add_argument("--composition-fraction", type=float, default=0.25, help="share of two-part objects")
+    p.add_argument("--workers", type=int, default=2, help="render processes (default: %(default)s)")
+    _views_args(p)
+    p.set_defaults(fn=cmd_procedural)
+
+    p = sub.add_parser("ingest", help="validate a render dataset and write the internal layout + manifest",
+                       description="Library-level ingest (no MLflow): NeRF-synthetic or G-Objaverse layout in, "
+                       "sharded internal layout, manifest.parquet and quarantine.csv out.")
+    p.add_argument("source", help="render dataset folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--captions", default=None, help="captions (jsonl or csv with id, caption)")
+    p.add_argument("--layout", choices=["auto", "nerf", "gobjaverse"], default="auto")
+    p.add_argument("--min-views", type=int, default=8)
+    p.add_argument("--max-quarantine-fraction", type=float, default=0.2)
+    p.add_argument("--docs", action="store_true", help="also build great-expectations data docs in OUT/data_docs")
+    p.set_defaults(fn=cmd_ingest)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    _telemetry_off()
+    args = build_parser().parse_args(argv)
+    from .data import DatasetError
+
+    try:
+        args.fn(args)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

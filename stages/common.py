@@ -1,0 +1,125 @@
+"""What every stage shim shares: params, telemetry off, MLflow runs, one-line failures.
+
+MLflow is configured here, at the edge, never at import time of the library.
+Tracking store: ``sqlite:///<repo>/mlflow/mlflow.db`` with artifacts under
+``<repo>/mlflow/artifacts`` unless ``MLFLOW_TRACKING_URI`` says otherwise.
+
+A stage started by the Prefect flow finds the flow's parent run id in
+``GATLAS_MLFLOW_PARENT_RUN_ID`` and logs as its child; started alone
+(``dvc repro ingest``) it opens a run of its own. Either way the run is tagged
+with the stage name and the git commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PARENT_ENV = "GATLAS_MLFLOW_PARENT_RUN_ID"
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def telemetry_off() -> None:
+    for k, v in TELEMETRY_OFF.items():
+        os.environ.setdefault(k, v)
+
+
+telemetry_off()
+
+
+class StageError(RuntimeError):
+    """A failure to report in one line (exit status 1), not as a traceback."""
+
+
+def load_params(section: str | None = None, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    path = Path(path) if path else ROOT / "params.yaml"
+    with open(path, encoding="utf-8") as fh:
+        params = yaml.safe_load(fh) or {}
+    if section is None:
+        return params
+    if section not in params:
+        raise StageError(f"{path}: no '{section}' section")
+    return params[section] or {}
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}"
+
+
+def setup_mlflow(experiment: str | None = None) -> str:
+    """Point MLflow at the project store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = experiment or load_params().get("mlflow", {}).get("experiment", "gaussian-atlas")
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        artifact_location = None
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            (ROOT / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+            artifact_location = (ROOT / "mlflow" / "artifacts").as_uri()
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # created meanwhile by a parallel writer
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    mlflow.set_experiment(experiment_id=exp.experiment_id if exp else None)
+    return exp.experiment_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
+    """An MLflow run for one stage: child of the flow's run when there is one."""
+    import mlflow
+
+    from gaussian_atlas.config import flatten
+
+    exp_id = setup_mlflow()
+    parent = os.environ.get(PARENT_ENV) or None
+    tags = {"gatlas.stage": stage, "mlflow.source.git.commit": git_commit(),
+            "gatlas.invoked_by": "flow" if parent else "dvc"}
+    with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, tags=tags) as run:
+        flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
+        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+        yield run
+
+
+def main_guard(fn) -> None:
+    """Run a stage's main; known failures print one line and exit 1."""
+    from gaussian_atlas.data import DatasetError
+
+    try:
+        fn()
+    except (StageError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except ValueError as exc:  # config problems (unknown params keys, bad values)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,156 @@
+"""The generate + ingest stages through DVC and the Prefect flow, on a tiny copy of the project.
+
+One copy of the repository (tracked files) per test session, with tiny params,
+its own git repo, and its own MLflow sqlite store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "generate": {"n_objects": 4, "composition_fraction": 0.25, "seed": 0, "workers": 1,
+                 "render": {"supersample": 1, "n_surface_samples": 256,
+                            "views": {"n_views": 8, "n_ring": 6, "resolution": 32}}},
+    "ingest": {"min_views": 4, "workers": 2},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("proj")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        src = ROOT / f
+        if src.is_file() and not f.startswith(("data/", "metrics/", "reports/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    (dst / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    _git(dst, "init", "-q")
+    _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    _git(dst, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny project")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tracking(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("GATLAS_MLFLOW_PARENT_RUN_ID", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=project, env=_env(),
+                          capture_output=True, text=True)
+
+
+def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking, prefect_harness, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("PATH", _env()["PATH"])
+    from flows.pipeline import pipeline
+
+    result = pipeline(root=str(project))
+    assert result["stages"] == {"generate": "ran", "ingest": "ran"}
+    assert (project / "data/ingested/manifest.parquet").exists()
+    assert (project / "reports/ingest/data_docs/index.html").exists()
+
+    client = mlflow.MlflowClient(tracking)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["gatlas.stage"] == "pipeline"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["gatlas.stage"]: r for r in children}
+    assert set(by_stage) == {"generate", "ingest"}
+    ing = by_stage["ingest"]
+    assert ing.info.status == "FINISHED"
+    assert ing.data.metrics["n_accepted"] == 4 and ing.data.metrics["n_quarantined"] == 0
+    assert ing.data.params["min_views"] == "4"
+    assert len(ing.data.tags["mlflow.source.git.commit"]) >= 40
+    arts = {a.path for a in client.list_artifacts(ing.info.run_id)}
+    assert {"contact_sheet.png", "manifest.parquet", "quarantine.csv", "data_docs"} <= arts
+    assert "contact_sheet.png" in {a.path for a in client.list_artifacts(by_stage["generate"].info.run_id)}
+
+    again = pipeline(root=str(project))
+    assert again["stages"] == {"generate": "up to date", "ingest": "up to date"}
+
+
+def test_stage_alone_opens_its_own_run_and_quarantine_gate_fails_in_one_line(project, tracking,
+                                                                              prefect_harness):
+    import mlflow
+
+    if not (project / "dvc.lock").exists():  # also runnable alone
+        assert _dvc(project, "repro").returncode == 0
+    proc = _dvc(project, "repro", "--force", "--single-item", "ingest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = mlflow.MlflowClient(tracking)
+    exp = client.get_experiment_by_name("gaussian-atlas")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`gatlas.invoked_by` = 'dvc'",
+                              order_by=["attributes.start_time DESC"])
+    assert runs and runs[0].data.tags["gatlas.stage"] == "ingest"
+    assert "mlflow.parentRunId" not in runs[0].data.tags
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ingest"]["min_views"] = 99  # every object now has too few views
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=project, env=_env(),
+                              capture_output=True, text=True)
+        assert proc.returncode == 1
+        err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "quarantined" in err[0] and "Traceback" not in proc.stderr
+        q = (project / "data/ingested/quarantine.csv").read_text()
+        assert q.count("only 8 views (at least 99 needed)") == 4
+    finally:
+        params["ingest"]["min_views"] = 4
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_wrong_dataset_path_is_one_line_error(project, tracking):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    alt = project / "params_wrong.yaml"
+    params["ingest"]["source"] = "does/not/exist"
+    alt.write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "stages.ingest", "--params", str(alt), "--out", "tmp_out"],
+                          cwd=project, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: dataset path does not exist: does/not/exist"
+    assert "Traceback" not in proc.stderr
