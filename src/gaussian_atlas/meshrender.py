@@ -80,6 +80,7 @@ from .io import atomic_dir, write_json, write_npz, write_png
 __all__ = [
     "DEFAULT_LIGHTS",
     "Y_UP_TO_Z_UP",
+    "MAX_PART_TEXTURE",
     "RenderConfig",
     "MeshSurface",
     "load_mesh",
@@ -166,9 +167,13 @@ def load_mesh(path: str | os.PathLike, up_axis: str | None = None) -> trimesh.Tr
     """Load an OBJ / GLB / GLTF / PLY / STL (anything trimesh reads) as one mesh.
 
     Scenes are flattened: every mesh node is moved by its scene-graph
-    transform and all are concatenated, keeping their visuals (when parts
-    mix textures and colours, colour parts are turned into small textures so
-    one textured mesh results). Points, lines and empty geometry are dropped.
+    transform and all are concatenated, keeping their visuals. Colour-only
+    parts concatenate as they are; when any part is textured, every part's
+    base colour is packed into one atlas (textures over
+    :data:`MAX_PART_TEXTURE` pixels are downscaled, colour-only parts become
+    palette texels of their face colours) and the result is one textured
+    mesh with three vertices per face. Points, lines and empty geometry are
+    dropped.
 
     Parameters
     ----------
@@ -225,55 +230,99 @@ def _resolve_up_axis(path: Path, up_axis: str | None) -> str:
 
 
 def _concatenate_keeping_visuals(parts: list[trimesh.Trimesh], name: str) -> trimesh.Trimesh:
+    """One mesh from several parts; a shared base-colour atlas when any part is textured."""
     if len(parts) == 1:
         return parts[0]
     if not any(isinstance(p.visual, TextureVisuals) for p in parts):
         return trimesh.util.concatenate(parts)  # vertex / face colours concatenate losslessly
-    # Give every part a base-colour-only PBR material so trimesh packs one texture atlas
-    # (mixing SimpleMaterial and PBRMaterial, or extra maps, trips its packer).
-    converted = []
-    for p in parts:
-        q = p.copy()
-        q.visual = _as_base_color_texture(p)
-        converted.append(q)
-    merged = trimesh.util.concatenate(converted)
-    if isinstance(merged.visual, TextureVisuals) and _base_color_source(merged.visual)[0] is not None:
-        return merged
-    warnings.warn(
-        f"{name}: could not merge the textures of {len(parts)} parts; using per-vertex colours",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    for p in parts:
-        if isinstance(p.visual, TextureVisuals):
-            p.visual = p.visual.to_color()
-    return trimesh.util.concatenate(parts)
-
-
-def _as_base_color_texture(mesh: trimesh.Trimesh) -> TextureVisuals:
+    # trimesh's own material packer mangles some layouts (UVs outside the atlas), so pack here:
+    # every part's base colour goes into one atlas; colour-only parts become palette texels.
+    default_rgb = np.asarray(RenderConfig().default_color, dtype=np.float64) / 255.0
+    images, corner_uvs = zip(*(_part_texture(p, default_rgb) for p in parts))
+    atlas, rects = _pack_atlas(list(images))
+    big_h, big_w = atlas.shape[:2]
+    uv_all = []
+    for (x0, y0, w, h), uv in zip(rects, corner_uvs):  # uv: [F_i, 3, 2] in [0, 1]
+        u = (x0 + uv[..., 0] * w) / big_w
+        v = 1.0 - (y0 + (1.0 - uv[..., 1]) * h) / big_h
+        uv_all.append(np.stack([u, v], axis=-1).reshape(-1, 2))
+    # unmerged: three vertices per face, so every corner carries its own (wrapped) UV
+    vertices = np.concatenate([np.asarray(p.vertices)[np.asarray(p.faces)].reshape(-1, 3) for p in parts])
+    faces = np.arange(len(vertices), dtype=np.int64).reshape(-1, 3)
     from PIL import Image
 
+    visual = TextureVisuals(uv=np.concatenate(uv_all), material=PBRMaterial(baseColorTexture=Image.fromarray(atlas)))
+    return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+
+
+# part textures larger than this (pixels, longest side) are downscaled when parts share an atlas
+MAX_PART_TEXTURE = 2048
+
+
+def _part_texture(mesh: trimesh.Trimesh, default_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Base colour of one part: (image ``[h, w, 3]`` uint8, per-corner UVs ``[F, 3, 2]`` in [0, 1]).
+
+    Texture UVs are wrapped per face (shifted by the integer part of the
+    face's smallest UV), which keeps repeat-tiled faces that stay within one
+    tile exact; colour-only parts get a palette of their face colours
+    (per-vertex gradients become per-face colours).
+    """
+    from PIL import Image
+
+    faces = np.asarray(mesh.faces, dtype=np.int64)
     vis = mesh.visual
-    n = len(mesh.vertices)
+    face_rgb = None
     if isinstance(vis, TextureVisuals):
         image, factor, flat = _base_color_source(vis)
-        if image is not None and vis.uv is not None:
-            mat = PBRMaterial(baseColorTexture=image.convert("RGB"), baseColorFactor=np.append(factor, 1.0))
-            return TextureVisuals(uv=np.asarray(vis.uv, dtype=np.float64), material=mat)
-        rgb = flat
+        if image is not None and vis.uv is not None and len(vis.uv) == len(mesh.vertices):
+            img = image.convert("RGB")
+            if max(img.size) > MAX_PART_TEXTURE:
+                k = MAX_PART_TEXTURE / max(img.size)
+                img = img.resize((max(1, round(img.size[0] * k)), max(1, round(img.size[1] * k))), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+            if not np.allclose(factor, 1.0):
+                arr = np.round(arr * factor).astype(np.uint8)
+            uv = np.asarray(vis.uv, dtype=np.float64)[faces]  # [F, 3, 2]
+            uv = uv - np.floor(uv.min(axis=1, keepdims=True))
+            return arr, np.clip(uv, 0.0, 1.0)
+        face_rgb = np.broadcast_to(flat if flat is not None else default_rgb, (len(faces), 3))
+        face_rgb = np.round(np.clip(face_rgb, 0, 1) * 255)
     elif isinstance(vis, ColorVisuals) and vis.kind is not None:
-        from trimesh.visual.color import color_to_uv
-
-        mat, uv = color_to_uv(vertex_colors=np.asarray(vis.vertex_colors))
-        img = getattr(mat, "image", None)
-        if img is None:  # a single colour
-            rgb = np.asarray(vis.vertex_colors)[0, :3] / 255.0
-        else:
-            return TextureVisuals(uv=uv, material=PBRMaterial(baseColorTexture=img.convert("RGB")))
+        face_rgb = np.asarray(vis.face_colors, dtype=np.float64)[:, :3]  # vertex colours averaged per face
     else:
-        rgb = np.asarray(RenderConfig().default_color) / 255.0
-    pixel = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).reshape(1, 1, 3))
-    return TextureVisuals(uv=np.full((n, 2), 0.5), material=PBRMaterial(baseColorTexture=pixel))
+        face_rgb = np.round(np.broadcast_to(default_rgb, (len(faces), 3)) * 255)
+    palette, inverse = np.unique(face_rgb.astype(np.uint8), axis=0, return_inverse=True)
+    side = int(math.ceil(math.sqrt(len(palette))))
+    arr = np.zeros((side * side, 3), dtype=np.uint8)
+    arr[: len(palette)] = palette
+    row, col = np.divmod(inverse.reshape(-1), side)
+    uv = np.stack([(col + 0.5) / side, 1.0 - (row + 0.5) / side], axis=-1)  # [F, 2] texel centres
+    return arr.reshape(side, side, 3), np.repeat(uv[:, None, :], 3, axis=1)
+
+
+def _pack_atlas(images: list[np.ndarray], pad: int = 1) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Shelf-pack ``[h, w, 3]`` images into one atlas, each with ``pad`` pixels of edge
+    replication (no bleeding under bilinear sampling). Returns the atlas and each image's
+    ``(x0, y0, w, h)`` inside it (pixels, y from the top)."""
+    sizes = [(im.shape[0] + 2 * pad, im.shape[1] + 2 * pad) for im in images]
+    width = max(max(w for _, w in sizes), int(math.ceil(math.sqrt(sum(h * w for h, w in sizes)))))
+    order = sorted(range(len(images)), key=lambda i: -sizes[i][0])
+    pos: dict[int, tuple[int, int]] = {}
+    x = y = shelf_h = 0
+    for i in order:
+        h, w = sizes[i]
+        if x + w > width:
+            x, y, shelf_h = 0, y + shelf_h, 0
+        pos[i] = (x, y)
+        x, shelf_h = x + w, max(shelf_h, h)
+    atlas = np.zeros((y + shelf_h, width, 3), dtype=np.uint8)
+    rects = []
+    for i, im in enumerate(images):
+        px, py = pos[i]
+        h, w = im.shape[:2]
+        atlas[py : py + h + 2 * pad, px : px + w + 2 * pad] = np.pad(im, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        rects.append((px + pad, py + pad, w, h))
+    return atlas, rects
 
 
 def _base_color_source(vis: TextureVisuals) -> tuple[Any, np.ndarray, np.ndarray | None]:
@@ -419,14 +468,13 @@ def _bilinear_repeat(tex: np.ndarray, uv: np.ndarray) -> np.ndarray:
     y0 = y0.astype(np.int64) % th
     x1 = (x0 + 1) % tw
     y1 = (y0 + 1) % th
-    t = tex.astype(np.float32) if tex.size <= 4096 * 4096 * 3 else tex
     c = (
-        t[y0, x0] * (1 - fx) * (1 - fy)
-        + t[y0, x1] * fx * (1 - fy)
-        + t[y1, x0] * (1 - fx) * fy
-        + t[y1, x1] * fx * fy
-    )  # [M, 3]
-    return np.asarray(c, dtype=np.float64) / 255.0
+        tex[y0, x0] * ((1 - fx) * (1 - fy))
+        + tex[y0, x1] * (fx * (1 - fy))
+        + tex[y1, x0] * ((1 - fx) * fy)
+        + tex[y1, x1] * (fx * fy)
+    )  # [M, 3] float64 (uint8 texels promoted per lookup, the texture itself stays uint8)
+    return c / 255.0
 
 
 def _corner_normals(mesh: trimesh.Trimesh, smooth_angle_deg: float, max_degree: int = 256) -> np.ndarray:
@@ -437,6 +485,11 @@ def _corner_normals(mesh: trimesh.Trimesh, smooth_angle_deg: float, max_degree: 
     out = np.repeat(fn[:, None, :], 3, axis=1)  # [F, 3, 3]
     if smooth_angle_deg <= 0 or len(faces) == 0:
         return out
+    # weld vertices by position: UV seams and unmerged meshes duplicate vertices, shading should not see them
+    verts = np.asarray(mesh.vertices, dtype=np.float64)
+    tol = 1e-7 * max(float(np.ptp(verts, axis=0).max()), 1e-12)
+    _, weld = np.unique(np.round(verts / tol), axis=0, return_inverse=True)
+    faces = weld.reshape(-1)[faces]
     cos_thr = math.cos(math.radians(smooth_angle_deg))
     weighted = fn * np.asarray(mesh.area_faces, dtype=np.float64)[:, None]  # [F, 3]
     corner_v = faces.ravel()  # [3F]
@@ -475,7 +528,8 @@ def ray_intersector(mesh: trimesh.Trimesh) -> Any:
         from trimesh.ray.ray_pyembree import RayMeshIntersector
     except ImportError:
         warnings.warn(
-            "embreex is not installed: falling back to trimesh's slow triangle ray intersector",
+            "embreex is not installed: falling back to trimesh's pure-Python ray_triangle "
+            "intersector (much slower; it needs the rtree package)",
             RuntimeWarning,
             stacklevel=2,
         )

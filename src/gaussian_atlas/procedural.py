@@ -70,8 +70,10 @@ SHAPE_NOUNS: dict[str, str] = {
 }
 SHAPES: tuple[str, ...] = tuple(SHAPE_NOUNS)
 
-# shapes with a flat (or nearly flat) top that another part can rest on
-STACK_BOTTOM_SHAPES: tuple[str, ...] = ("cube", "cylinder", "torus", "prism")
+# shapes with a flat top that another part can rest on (a torus would let it sink into the hole)
+STACK_BOTTOM_SHAPES: tuple[str, ...] = ("cube", "cylinder", "prism")
+# size of an upper part relative to the part it rests on
+STACK_TOP_SCALE: float = 0.75
 
 # named colours, sRGB uint8; chosen to be unmistakable after shading
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -115,6 +117,8 @@ class ProceduralConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.render, Mapping):  # a params.yaml section
+            object.__setattr__(self, "render", RenderConfig(**self.render))
         if self.n_objects < 0:
             raise ValueError(f"n_objects must be >= 0, got {self.n_objects}")
         if not 0.0 <= self.composition_fraction <= 1.0:
@@ -180,14 +184,16 @@ def build_object(spec: Mapping[str, Any]) -> trimesh.Trimesh:
     """The mesh of one spec from :func:`object_specs`; parts stacked bottom-up along +Z.
 
     ``spec["parts"]`` lists parts top first (caption order); each rests on
-    the one below, centred on it in XY.
+    the one below, centred on it in XY, scaled by :data:`STACK_TOP_SCALE`.
     """
     rng = np.random.default_rng(int(spec["seed"]))
     parts = list(spec["parts"])
     meshes = []
     top_z, center_xy = None, None
-    for part in reversed(parts):  # bottom first
+    for level, part in enumerate(reversed(parts)):  # bottom first
         mesh = _varied_part(part["shape"], tuple(part["rgb"]), rng)
+        if level > 0:
+            mesh.apply_scale(STACK_TOP_SCALE)  # a smaller part resting on a larger one reads as "on top of"
         lo, hi = mesh.bounds
         if top_z is None:
             mesh.apply_translation([-(lo[0] + hi[0]) / 2, -(lo[1] + hi[1]) / 2, -lo[2]])
