@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from . import io as gio
+from .cameras import rotation_orthonormality_error
 
 __all__ = [
     "DatasetError",
@@ -299,12 +300,6 @@ def _finish_intrinsics(v: CameraView, w: int, h: int) -> None:
     v.cy = float(v.cy) if v.cy is not None else h / 2.0
 
 
-def rotation_error(c2w: np.ndarray) -> float:
-    """``max|R^T R - I| + |det R - 1|`` of the rotation part of a camera-to-world matrix."""
-    R = np.asarray(c2w, dtype=np.float64)[:3, :3]
-    return float(np.abs(R.T @ R - np.eye(3)).max() + abs(np.linalg.det(R) - 1.0))
-
-
 def object_facts(src: ObjectSource, captions: dict[str, str] | None) -> tuple[dict[str, Any], list[CameraView]]:
     """Read one object fully (decode every image) and return its facts row and views.
 
@@ -360,7 +355,7 @@ def object_facts(src: ObjectSource, captions: dict[str, str] | None) -> tuple[di
         if not np.isfinite(v.c2w).all():
             facts["poses_finite"] = False
         else:
-            facts["max_rotation_error"] = max(facts["max_rotation_error"], rotation_error(v.c2w))
+            facts["max_rotation_error"] = max(facts["max_rotation_error"], rotation_orthonormality_error(v.c2w[:3, :3]))
             if not np.allclose(v.c2w[3], [0, 0, 0, 1], atol=1e-6):
                 facts["max_rotation_error"] = max(facts["max_rotation_error"], float(np.abs(v.c2w[3] - [0, 0, 0, 1]).max()))
     if sizes:

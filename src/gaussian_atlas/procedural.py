@@ -29,6 +29,7 @@ were already on disk.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import time
@@ -283,8 +284,29 @@ def _render_one(spec: Mapping[str, Any], out_dir: str, render_cfg: RenderConfig)
         object_id=spec["id"],
         cfg=render_cfg,
         seed=int(spec["seed"]),
-        extra_meta={"parts": spec["parts"], "source": "procedural"},
+        extra_meta={"parts": spec["parts"], "source": "procedural", "config_hash": _spec_hash(spec, render_cfg)},
     )
+
+
+def _spec_hash(spec: Mapping[str, Any], render_cfg: RenderConfig) -> str:
+    """Content hash of what determines an object's folder (its spec and the render settings)."""
+    import dataclasses
+    import hashlib
+
+    blob = json.dumps({"spec": dict(spec), "render": dataclasses.asdict(render_cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _up_to_date(folder: Path, spec: Mapping[str, Any], render_cfg: RenderConfig) -> bool:
+    """Complete on disk and rendered from the same spec and settings (a rerun after a
+    parameter change re-renders instead of keeping stale objects)."""
+    if not object_folder_complete(folder):
+        return False
+    try:
+        with open(folder / "object.json", encoding="utf-8") as fh:
+            return json.load(fh).get("config_hash") == _spec_hash(spec, render_cfg)
+    except (OSError, ValueError):
+        return False
 
 
 def generate_dataset(cfg: ProceduralConfig, out_root: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
@@ -315,7 +337,12 @@ def generate_dataset(cfg: ProceduralConfig, out_root: str | os.PathLike, progres
     objects_dir = out_root / "objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
     specs = object_specs(cfg)
-    todo = [s for s in specs if not object_folder_complete(objects_dir / s["id"])]
+    todo = [s for s in specs if not _up_to_date(objects_dir / s["id"], s, cfg.render)]
+    # Folders of objects no longer in the spec list (fewer objects asked for) go away.
+    wanted = {s["id"] for s in specs}
+    for stale in objects_dir.iterdir():
+        if stale.is_dir() and stale.name not in wanted:
+            shutil.rmtree(stale, ignore_errors=True)
 
     bar = None
     if progress and todo:

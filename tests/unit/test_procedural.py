@@ -176,3 +176,21 @@ def test_output_does_not_depend_on_worker_count(tmp_path):
     assert set(serial) == set(pool) and len(serial) > 5
     for k in serial:
         assert serial[k].read_bytes() == pool[k].read_bytes(), k
+
+
+def test_param_change_rerenders_and_fewer_objects_drops_folders(tmp_path):
+    cfg = ProceduralConfig(n_objects=3, composition_fraction=0.0, seed=1, render=TINY, workers=0)
+    generate_dataset(cfg, tmp_path, progress=False)
+    first = tmp_path / "objects" / "proc-00000" / "transforms.json"
+    mtime = first.stat().st_mtime_ns
+    # same params: nothing re-rendered
+    assert generate_dataset(cfg, tmp_path, progress=False)["n_rendered"] == 0
+    # fewer objects: the extra folder disappears, the rest is kept as is
+    smaller = ProceduralConfig(n_objects=2, composition_fraction=0.0, seed=1, render=TINY, workers=0)
+    assert generate_dataset(smaller, tmp_path, progress=False)["n_rendered"] == 0
+    assert sorted(p.name for p in (tmp_path / "objects").iterdir()) == ["proc-00000", "proc-00001"]
+    assert first.stat().st_mtime_ns == mtime
+    # a render setting changes: everything is re-rendered, nothing stale is kept
+    import dataclasses
+    brighter = dataclasses.replace(smaller, render=dataclasses.replace(TINY, ambient=TINY.ambient + 0.1))
+    assert generate_dataset(brighter, tmp_path, progress=False)["n_rendered"] == 2
