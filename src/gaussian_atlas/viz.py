@@ -21,7 +21,7 @@ def on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def contact_sheet(images: Sequence[np.ndarray], labels: Sequence[str] | None = None, ncols: int = 8,
-                  tile: int = 128, pad: int = 4, label_lines: int = 2) -> np.ndarray:
+                  tile: int = 128, pad: int = 4, label_lines: int = 3) -> np.ndarray:
     """Tile images (RGB or RGBA, any size) into one RGB picture with a caption under each.
 
     Parameters

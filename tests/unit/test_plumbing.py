@@ -83,7 +83,7 @@ def test_on_white_and_contact_sheet():
     w = on_white(rgba)
     assert tuple(w[0, 0]) == (255, 0, 0) and tuple(w[3, 3]) == (255, 255, 255)
     assert tuple(w[1, 1]) == (127, 127, 255)
-    sheet = contact_sheet([rgba] * 5, ["a red thing"] * 5, ncols=2, tile=16, pad=2)
+    sheet = contact_sheet([rgba] * 5, ["a red thing"] * 5, ncols=2, tile=16, pad=2, label_lines=2)
     assert sheet.shape[1] == 2 * (16 + 2) + 2 and sheet.dtype == np.uint8
     rows = 3
     assert sheet.shape[0] == rows * (16 + 2 + 2 * 12) + 2
