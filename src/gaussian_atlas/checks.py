@@ -156,3 +156,45 @@ def ingest_checks(cfg: Any) -> list[Check]:
 def validate_ingest_facts(facts: pd.DataFrame, cfg: Any, docs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run the ingest suite (``ingest_manifest``) over the per-object facts table."""
     return run_suite(facts, "ingest_manifest", ingest_checks(cfg), docs_dir=docs_dir)
+
+
+def prune_checks(cfg: Any) -> list[Check]:
+    """The prune_check suite over the fit metrics table (``params.yaml: prune_check``)."""
+    import math
+
+    lo, hi = math.log(cfg.min_scale), math.log(cfg.max_scale)
+    return [
+        Check(("ExpectColumnValuesToBeInSet", {"column": "status", "value_set": ["ok"]}),
+              lambda r: r["reason"] or f"fit status {r['status']}", after_read_error=True),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "n_gaussians", "min_value": 1, "max_value": cfg.tau}),
+              lambda r: f"{r['n_gaussians']:.0f} Gaussians (allowed 1..{cfg.tau})"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "n_nonfinite", "max_value": 0}),
+              lambda r: f"{r['n_nonfinite']:.0f} Gaussians with NaN/inf parameters"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "psnr", "min_value": cfg.psnr_floor}),
+              lambda r: f"held-out PSNR {r['psnr']:.2f} dB below the floor {cfg.psnr_floor:g} dB"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "log_scale_min", "min_value": lo}),
+              lambda r: f"degenerate scale {math.exp(r['log_scale_min']):.2g} (< {cfg.min_scale:g})"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "log_scale_max", "max_value": hi}),
+              lambda r: f"degenerate scale {math.exp(r['log_scale_max']):.2g} (> {cfg.max_scale:g})"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "frac_transparent", "max_value": cfg.max_transparent_fraction}),
+              lambda r: f"{r['frac_transparent']:.0%} of the Gaussians are transparent (opacity < 0.005; "
+                        f"allowed {cfg.max_transparent_fraction:.0%})"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "extent", "max_value": cfg.max_extent}),
+              lambda r: f"Gaussians reach {r['extent']:.2f} from the centre (allowed {cfg.max_extent:g})"),
+    ]
+
+
+def validate_fits(metrics: pd.DataFrame, cfg: Any, docs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the prune_check suite (``fit_quality``) over the per-object fit metrics.
+
+    Rows with ``status != "ok"`` are treated like ingest's read errors: only their
+    own reason is reported.
+    """
+    frame = metrics.copy()
+    frame["read_error"] = frame["status"].where(frame["status"] != "ok")  # failed fits: their reason only
+    for col in ("n_gaussians", "n_nonfinite", "psnr", "log_scale_min", "log_scale_max", "frac_transparent",
+                "extent", "reason"):
+        if col not in frame:
+            frame[col] = float("nan") if col != "reason" else ""
+    frame.insert(0, ROW, range(len(frame)))
+    return run_suite(frame, "fit_quality", prune_checks(cfg), docs_dir=docs_dir)

@@ -521,7 +521,7 @@ def load_manifest(out_dir: str | os.PathLike) -> pd.DataFrame:
 
 def load_object(obj_dir: str | os.PathLike, white_background: bool = True,
                 views: Iterable[int] | None = None) -> dict[str, np.ndarray]:
-    """Load one ingested object: images and cameras as arrays.
+    """Load one object folder (internal or NeRF-synthetic layout): images and cameras as arrays.
 
     Returns
     -------
@@ -533,18 +533,20 @@ def load_object(obj_dir: str | os.PathLike, white_background: bool = True,
     from PIL import Image
 
     obj_dir = Path(obj_dir)
-    meta = gio.read_json(obj_dir / "transforms.json")
+    cams = _nerf_views(obj_dir)  # the internal layout is NeRF-synthetic; raw NeRF folders work too
+    cams = cams if views is None else [cams[i] for i in views]
     rgbs, alphas, c2ws, Ks = [], [], [], []
-    frames = meta["frames"] if views is None else [meta["frames"][i] for i in views]
-    for fr in frames:
-        rgba = np.asarray(Image.open(obj_dir / fr["file_path"]).convert("RGBA"), dtype=np.float32) / 255.0
+    for v in cams:
+        with Image.open(v.image_path) as im:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        _finish_intrinsics(v, rgba.shape[1], rgba.shape[0])
         rgb, a = rgba[..., :3], rgba[..., 3]
         if white_background:
             rgb = rgb * a[..., None] + (1.0 - a[..., None])
         rgbs.append(rgb)
         alphas.append(a)
-        c2ws.append(np.asarray(fr["transform_matrix"], dtype=np.float32))
-        Ks.append(np.array([[fr["fl_x"], 0, fr["cx"]], [0, fr["fl_y"], fr["cy"]], [0, 0, 1]], dtype=np.float32))
+        c2ws.append(v.c2w.astype(np.float32))
+        Ks.append(np.array([[v.fl_x, 0, v.cx], [0, v.fl_y, v.cy], [0, 0, 1]], dtype=np.float32))
     out = {"rgb": np.stack(rgbs), "alpha": np.stack(alphas), "c2w": np.stack(c2ws), "K": np.stack(Ks)}
     samples = obj_dir / "surface_samples.npz"
     if samples.exists():

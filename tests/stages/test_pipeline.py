@@ -23,7 +23,12 @@ TINY = {
                  "render": {"supersample": 1, "n_surface_samples": 256,
                             "views": {"n_views": 8, "n_ring": 6, "resolution": 32}}},
     "ingest": {"min_views": 4, "workers": 2},
+    "fit": {"steps": 30, "tau": 300, "init_points": 200, "resolution": 32, "views_per_step": 2, "workers": 1,
+            "measure_views": 2, "holdout_every": 4,
+            "densify": {"refine_start_iter": 10, "refine_every": 10, "refine_stop_iter": 25}},
+    "prune_check": {"psnr_floor": 5.0},
 }
+STAGES = ["generate", "ingest", "fit", "prune_check"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,14 +67,6 @@ def tracking(tmp_path_factory) -> str:
     return uri
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("GATLAS_MLFLOW_PARENT_RUN_ID", None)
@@ -89,7 +86,7 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     from flows.pipeline import pipeline
 
     result = pipeline(root=str(project))
-    assert result["stages"] == {"generate": "ran", "ingest": "ran"}
+    assert result["stages"] == {s: "ran" for s in STAGES}
     assert (project / "data/ingested/manifest.parquet").exists()
     assert (project / "reports/ingest/data_docs/index.html").exists()
 
@@ -99,7 +96,7 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["gatlas.stage"]: r for r in children}
-    assert set(by_stage) == {"generate", "ingest"}
+    assert set(by_stage) == set(STAGES)
     ing = by_stage["ingest"]
     assert ing.info.status == "FINISHED"
     assert ing.data.metrics["n_accepted"] == 4 and ing.data.metrics["n_quarantined"] == 0
@@ -109,8 +106,18 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     assert {"contact_sheet.png", "manifest.parquet", "quarantine.csv", "data_docs"} <= arts
     assert "contact_sheet.png" in {a.path for a in client.list_artifacts(by_stage["generate"].info.run_id)}
 
+    fit = by_stage["fit"]
+    assert fit.data.metrics["n_ok"] == 4 and fit.data.metrics["n_gaussians_max"] <= 300
+    assert {"metrics.parquet", "histograms.png", "fits_vs_gt.png"} <= {a.path for a in client.list_artifacts(fit.info.run_id)}
+    import pandas as pd
+    acc = pd.read_csv(project / "data/prune_check/accepted.csv")
+    assert len(acc) == 4 and (acc["n_gaussians"] <= 300).all()
+    from gaussian_atlas.gaussians import read_ply
+    g = read_ply(project / "data/fits" / acc["ply"][0])
+    assert 0 < len(g) <= 300
+
     again = pipeline(root=str(project))
-    assert again["stages"] == {"generate": "up to date", "ingest": "up to date"}
+    assert again["stages"] == {s: "up to date" for s in STAGES}
 
 
 def test_stage_alone_opens_its_own_run_and_quarantine_gate_fails_in_one_line(project, tracking,
