@@ -26,6 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _prebuilt import use_prebuilt_gsplat  # noqa: E402
+
+use_prebuilt_gsplat()
 
 from gaussian_atlas.data import load_object  # noqa: E402
 from gaussian_atlas.fit import DensifyConfig, FitConfig, FitInput, fit_objects  # noqa: E402
@@ -36,8 +40,7 @@ def load_inputs(root: Path, n: int) -> list[FitInput]:
     out = []
     for d in dirs:
         o = load_object(d)
-        out.append(FitInput(d.name, o["rgb"], o["alpha"], o["c2w"], o["K"], o.get("surface_points"),
-                            o.get("surface_colors")))
+        out.append(FitInput.from_loaded(d.name, o))
     return out
 
 
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--skip-quality", action="store_true", help="only run (b)")
     args = ap.parse_args()
 
     cfg = FitConfig(steps=args.steps, tau=args.tau, init_points=4096, views_per_step=4, resolution=args.resolution,
@@ -74,14 +78,14 @@ def main() -> None:
 
     # (a) quality: bounded vs unbounded, one object at a time
     rows = []
-    for o in objs[:args.quality_objects]:
+    for o in ([] if args.skip_quality else objs[:args.quality_objects]):
         for name, tau in (("unbounded", 10**9), ("bounded", args.tau), ("bounded_small", args.small_tau)):
             (r,), s = timed_fit([o], replace(cfg, tau=tau), args.device)
             rows.append({"id": o.id, "method": name, "tau": tau, "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"],
                          "n_gaussians": r.metrics["n_gaussians"], "seconds": s})
             print(json.dumps(rows[-1]), flush=True)
     report["quality"] = rows
-    for name, tau in (("bounded", args.tau), ("bounded_small", args.small_tau)):
+    for name, tau in (() if args.skip_quality else (("bounded", args.tau), ("bounded_small", args.small_tau))):
         ours = [r for r in rows if r["method"] == name]
         base = [r for r in rows if r["method"] == "unbounded"]
         gap = float(np.mean([b["psnr"] - a["psnr"] for a, b in zip(ours, base)]))
@@ -104,6 +108,8 @@ def main() -> None:
     report["throughput"] = {
         "batch": len(batch_objs), "batch_seconds": s_b, "objects_per_minute_batched": opm_batch,
         "objects_per_minute_single": opm_single, "ratio": opm_batch / opm_single,
+        "psnr_batched": [round(r.metrics["psnr"], 2) for r in res_b],
+        "psnr_single": [round(r.metrics["psnr"], 2) for r, _ in single],
         "psnr_batched_mean": float(np.mean([r.metrics["psnr"] for r in res_b])),
         "psnr_batched_min": float(np.min([r.metrics["psnr"] for r in res_b])),
         "psnr_single_mean": float(np.mean([r.metrics["psnr"] for r, _ in single])),

@@ -528,7 +528,7 @@ def load_object(obj_dir: str | os.PathLike, white_background: bool = True,
     dict with ``rgb [V, H, W, 3] float32`` in [0, 1] (composited on white when
     ``white_background``), ``alpha [V, H, W] float32``, ``c2w [V, 4, 4] float32``
     (OpenGL convention), ``K [V, 3, 3] float32`` (pixels), and, when present,
-    ``surface_points [K, 3]``, ``surface_colors [K, 3]`` (float32 in [0, 1]).
+    ``surface_points [K, 3]``, ``surface_normals [K, 3]``, ``surface_colors [K, 3]`` (float32 in [0, 1]).
     """
     from PIL import Image
 
@@ -552,6 +552,8 @@ def load_object(obj_dir: str | os.PathLike, white_background: bool = True,
     if samples.exists():
         with np.load(samples) as z:
             out["surface_points"] = z["points"].astype(np.float32)
+            if "normals" in z:
+                out["surface_normals"] = z["normals"].astype(np.float32)
             cols = z["colors"]
             out["surface_colors"] = (cols.astype(np.float32) / 255.0) if cols.dtype == np.uint8 else cols.astype(np.float32)
     return out

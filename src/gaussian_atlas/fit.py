@@ -113,6 +113,13 @@ class FitInput:
     K: np.ndarray  # [V, 3, 3] pixels
     surface_points: np.ndarray | None = None  # [P, 3]
     surface_colors: np.ndarray | None = None  # [P, 3] in [0, 1]
+    surface_normals: np.ndarray | None = None  # [P, 3] unit
+
+    @classmethod
+    def from_loaded(cls, obj_id: str, o: dict[str, np.ndarray]) -> "FitInput":
+        """From the dict of :func:`gaussian_atlas.data.load_object`."""
+        return cls(obj_id, o["rgb"], o["alpha"], o["c2w"], o["K"], o.get("surface_points"), o.get("surface_colors"),
+                   o.get("surface_normals"))
 
 
 @dataclass
@@ -169,16 +176,53 @@ def load_lpips(weights: str | None, device: torch.device) -> tuple[Callable[[Ten
 # --------------------------------------------------------------------------- initialisation
 
 
-def init_gaussians(obj: FitInput, n: int, opacity: float, rng: np.random.Generator) -> Gaussians:
-    """Initial Gaussians: ``n`` surface samples (with their colours), else random points in the unit ball.
+def observed_colors(points: np.ndarray, normals: np.ndarray, obj: FitInput,
+                    views: Sequence[int] | None = None) -> np.ndarray:
+    """Mean observed colour of surface points over the training images that face them.
 
-    Scales start at the mean distance to the 3 nearest neighbours (as 3DGS),
-    rotations at identity.
+    A point counts in a view when its normal faces the camera, it projects inside
+    the image and lands on an opaque pixel (alpha > 0.5). Only ``views`` are used
+    (the training views: held-out views never inform the fit). Points seen by no
+    view get NaN. points, normals ``[P, 3]`` -> ``[P, 3]`` in [0, 1].
+    """
+    V, H, W, _ = obj.rgb.shape
+    acc = np.zeros((len(points), 3))
+    cnt = np.zeros(len(points))
+    for v in (range(V) if views is None else views):
+        c2w = obj.c2w[v].astype(np.float64)
+        cam = c2w[:3, 3]
+        facing = ((cam - points) * normals).sum(1) > 0
+        pc = (points - cam) @ c2w[:3, :3]  # camera coordinates, OpenGL: looks down -z
+        z = -pc[:, 2]
+        ok = facing & (z > 1e-6)
+        u = obj.K[v, 0, 0] * pc[:, 0] / np.maximum(z, 1e-6) + obj.K[v, 0, 2]
+        vv = -obj.K[v, 1, 1] * pc[:, 1] / np.maximum(z, 1e-6) + obj.K[v, 1, 2]
+        px, py = np.floor(u).astype(int), np.floor(vv).astype(int)
+        ok &= (px >= 0) & (px < W) & (py >= 0) & (py < H)
+        px, py = np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)
+        ok &= obj.alpha[v, py, px] > 0.5
+        acc[ok] += obj.rgb[v, py[ok], px[ok]]
+        cnt[ok] += 1
+    with np.errstate(invalid="ignore"):
+        return acc / cnt[:, None]
+
+
+def init_gaussians(obj: FitInput, n: int, opacity: float, rng: np.random.Generator,
+                   views: Sequence[int] | None = None) -> Gaussians:
+    """Initial Gaussians: ``n`` surface samples, else random points in the unit ball.
+
+    Colours of surface samples are their mean observed (shaded) colour in the
+    training views that face them (:func:`observed_colors`), falling back to the
+    mesh's albedo; scales start at the mean distance to the 3 nearest neighbours
+    (as 3DGS), rotations at identity.
     """
     if obj.surface_points is not None and len(obj.surface_points):
         idx = rng.choice(len(obj.surface_points), size=n, replace=len(obj.surface_points) < n)
         pts = obj.surface_points[idx].astype(np.float32)
         cols = (obj.surface_colors[idx] if obj.surface_colors is not None else np.full((n, 3), 0.5)).astype(np.float32)
+        if obj.surface_normals is not None:
+            seen = observed_colors(pts.astype(np.float64), obj.surface_normals[idx].astype(np.float64), obj, views)
+            cols = np.where(np.isfinite(seen), seen, cols).astype(np.float32)
     else:
         d = rng.normal(size=(n, 3))
         pts = (d / np.linalg.norm(d, axis=1, keepdims=True) * rng.random((n, 1)) ** (1 / 3)).astype(np.float32)
@@ -210,7 +254,8 @@ def _resize(obj: FitInput, side: int) -> FitInput:
     K = obj.K.copy()
     K[:, 0] *= side / W
     K[:, 1] *= side / H
-    return FitInput(obj.id, t[..., :3], t[..., 3], obj.c2w, K, obj.surface_points, obj.surface_colors)
+    return FitInput(obj.id, t[..., :3], t[..., 3], obj.c2w, K, obj.surface_points, obj.surface_colors,
+                    obj.surface_normals)
 
 
 def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch.device = "cpu",
@@ -248,7 +293,7 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         test_idx.append(test)
         rgb.append(torch.from_numpy(o.rgb).float())
         alpha.append(torch.from_numpy(o.alpha).float())
-        m = torch.from_numpy(o.c2w).float()
+        m = torch.tensor(o.c2w, dtype=torch.float32)  # a copy: the caller's cameras stay unshifted
         m[:, :3, 3] += shift[b, :3, 3]
         c2w.append(m)
         K.append(torch.from_numpy(o.K).float())
@@ -260,7 +305,7 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
     # Initial Gaussians of every object, concatenated; means carry the packing offset.
     init = []
     for b, o in enumerate(objects):
-        g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng)
+        g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng, views=train_idx[b])
         g.means = g.means + torch.tensor([float(offsets[b]), 0.0, 0.0])
         init.append(g)
     g0 = Gaussians.cat(init)
@@ -385,14 +430,26 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
 
 
 def config_hash(cfg: FitConfig) -> str:
-    """Content hash of the fit settings (a finished object is reused only under the same settings)."""
+    """Content hash of the fit settings and of the fitting code.
+
+    A finished object is reused only when both are unchanged: a new version of
+    the fitter (this module, the strategy, the renderer, the PLY writer)
+    re-fits instead of silently keeping old results.
+    """
     import dataclasses
     import hashlib
     import json
+    import sys
+    from pathlib import Path
+
+    from . import gaussians, prune, render as render_mod
 
     d = dataclasses.asdict(cfg)
-    d.pop("batch_objects", None)  # how objects are grouped does not change a fit's definition much
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    d.pop("batch_objects", None)  # how objects are grouped does not change a fit's definition
+    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
+    for mod in (sys.modules[__name__], prune, render_mod, gaussians):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def fit_outputs(out_dir: Any, shard: str, obj_id: str) -> tuple[Any, Any]:
@@ -456,8 +513,7 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
             continue
         try:
             o = load_object(Path(data_root) / it["path"])
-            todo.append((it, FitInput(it["id"], o["rgb"], o["alpha"], o["c2w"], o["K"],
-                                      o.get("surface_points"), o.get("surface_colors"))))
+            todo.append((it, FitInput.from_loaded(it["id"], o)))
         except Exception as exc:  # unreadable object: quarantined by prune_check, the rest go on
             rows.append({"id": it["id"], "shard": it["shard"], "status": "failed",
                          "reason": f"cannot load {it['path']}: {type(exc).__name__}: {exc}"})
