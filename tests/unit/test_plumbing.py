@@ -51,6 +51,18 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    f = gio.write_text(tmp_path / "a.txt", "x")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
+    with gio.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "b").write_text("y")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask
+
+
 def test_atomic_dir_swaps_whole_folder(tmp_path):
     d = tmp_path / "obj"
     with gio.atomic_dir(d) as tmp:
