@@ -198,3 +198,34 @@ def validate_fits(metrics: pd.DataFrame, cfg: Any, docs_dir: str | os.PathLike |
             frame[col] = float("nan") if col != "reason" else ""
     frame.insert(0, ROW, range(len(frame)))
     return run_suite(frame, "fit_quality", prune_checks(cfg), docs_dir=docs_dir)
+
+
+def validate_stats(stats: Any, min_atlases: int, docs_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Check normalisation statistics with the ``atlas_stats`` suite, one row per channel.
+
+    Every channel needs finite means and finite, strictly positive stds (the
+    floor guarantees > 0 where the data does not vary), and the statistics must
+    come from at least ``min_atlases`` atlases.
+    """
+    import numpy as np
+
+    mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+    frame = pd.DataFrame({
+        ROW: range(mean.shape[0]),
+        "channel": range(mean.shape[0]),
+        "mean_nonfinite": [int((~np.isfinite(m)).sum()) for m in mean],
+        "std_nonfinite": [int((~np.isfinite(s)).sum()) for s in std],
+        "std_min": [float(np.nan_to_num(s, nan=-1.0).min()) for s in std],
+        "count": [int(stats.count)] * mean.shape[0],
+    })
+    checks = [
+        Check(("ExpectColumnValuesToBeBetween", {"column": "mean_nonfinite", "max_value": 0}),
+              lambda r: f"channel {r['channel']}: {r['mean_nonfinite']} non-finite means"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "std_nonfinite", "max_value": 0}),
+              lambda r: f"channel {r['channel']}: {r['std_nonfinite']} non-finite stds"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "std_min", "min_value": stats.std_floor}),
+              lambda r: f"channel {r['channel']}: std {r['std_min']:.3g} below the floor {stats.std_floor:g}"),
+        Check(("ExpectColumnValuesToBeBetween", {"column": "count", "min_value": min_atlases}),
+              lambda r: f"statistics of only {r['count']} atlases (at least {min_atlases} needed)"),
+    ]
+    return run_suite(frame, "atlas_stats", checks, docs_dir=docs_dir)

@@ -27,8 +27,9 @@ TINY = {
             "measure_views": 2, "holdout_every": 4,
             "densify": {"refine_start_iter": 10, "refine_every": 10, "refine_stop_iter": 25}},
     "prune_check": {"psnr_floor": 5.0},
+    "atlas": {"side": 16, "method": "scipy"},
 }
-STAGES = ["generate", "ingest", "fit", "prune_check"]
+STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -115,6 +116,15 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     from gaussian_atlas.gaussians import read_ply
     g = read_ply(project / "data/fits" / acc["ply"][0])
     assert 0 < len(g) <= 300
+
+    index = pd.read_parquet(project / "data/atlas/index.parquet")
+    assert len(index) == 4 and set(index["caption"]) <= {c for c in index["caption"] if c}
+    import numpy as np
+    with np.load(project / "data/atlas" / index["path"][0]) as z:
+        assert z["atlas"].shape == (16, 16, 16) and np.isfinite(z["atlas"]).all()
+    with np.load(project / "data/normalize/stats.npz") as z:
+        assert int(z["count"]) == 4 and (z["std"] > 0).all()
+    assert "atlas_channels" in {a.path for a in client.list_artifacts(by_stage["atlas"].info.run_id)}
 
     again = pipeline(root=str(project))
     assert again["stages"] == {s: "up to date" for s in STAGES}

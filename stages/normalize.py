@@ -1,0 +1,79 @@
+"""DVC stage `normalize`: pixel-wise mean and std over all atlases (paper Sec. 5).
+
+    python -m stages.normalize --atlas data/atlas --out data/normalize
+
+Streams every atlas through a numerically stable running mean/variance (Chan's parallel
+merge of Welford moments, float64), floors the std at ``normalize.std_floor`` so no pixel
+divides by ~0, and writes ``<out>/stats.npz`` (mean, std, m2, count, std_floor). A
+great-expectations suite checks the statistics (finite means, finite positive stds, enough
+atlases). Pictures of the mean and std maps go to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages.common import StageError, load_params, main_guard, stage_run
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--atlas", default="data/atlas", help="atlas stage output (default: %(default)s)")
+    ap.add_argument("--out", default="data/normalize", help="output folder (default: %(default)s)")
+    ap.add_argument("--metrics", default="metrics/normalize.json", help="DVC metrics file (default: %(default)s)")
+    ap.add_argument("--reports", default="reports/normalize", help="pictures + data docs (default: %(default)s)")
+    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
+    args = ap.parse_args(argv)
+
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from gaussian_atlas import io as gio
+    from gaussian_atlas.atlas import CHANNEL_NAMES, atlas_figure
+    from gaussian_atlas.checks import validate_stats
+    from gaussian_atlas.normalize import RunningStats
+
+    params = load_params("normalize", args.params)
+    std_floor = float(params.get("std_floor", 1e-3))
+    min_atlases = int(params.get("min_atlases", 2))
+    batch = int(params.get("batch", 64))
+    index_path = Path(args.atlas) / "index.parquet"
+    if not index_path.exists():
+        raise StageError(f"no atlas index at {index_path}: run the atlas stage first")
+    index = pd.read_parquet(index_path)
+    out, reports = Path(args.out), Path(args.reports)
+    with stage_run("normalize", {"std_floor": std_floor, "min_atlases": min_atlases, "batch": batch}):
+        stats = RunningStats(std_floor=std_floor)
+        paths = list(index["path"])
+        for start in range(0, len(paths), batch):
+            arrays = []
+            for p in paths[start:start + batch]:
+                with np.load(Path(args.atlas) / p) as z:
+                    arrays.append(z["atlas"])
+            stats.update(np.stack(arrays))
+        if stats.count == 0:
+            raise StageError(f"{index_path} lists no atlases: nothing to normalise")
+        verdict = validate_stats(stats, min_atlases, docs_dir=reports / "data_docs")
+        stats.save(out / "stats.npz")
+        metrics = {"count": int(stats.count), "floored_fraction": float(stats.floored_fraction()),
+                   "gx_success": bool(verdict["success"])}
+        summary = stats.summary(CHANNEL_NAMES)
+        gio.write_json(args.metrics, {**metrics, "channels": summary, "failed_expectations": verdict["expectations"]})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifact(str(out / "stats.npz"))
+        mean_img = gio.write_png(reports / "mean.png", atlas_figure(stats.mean.astype(np.float32), scale=2))
+        std_img = gio.write_png(reports / "std.png", atlas_figure(stats.std.astype(np.float32), scale=2))
+        for p in (mean_img, std_img):
+            mlflow.log_artifact(str(p))
+        mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="data_docs")
+    print(f"normalize: statistics of {stats.count} atlases -> {out / 'stats.npz'} "
+          f"({metrics['floored_fraction']:.1%} of pixels at the std floor)")
+    if not verdict["success"]:
+        reasons = sorted({m for ms in verdict["reasons"].values() for m in ms})
+        raise StageError("normalize: the statistics failed validation: " + "; ".join(reasons[:5]))
+
+
+if __name__ == "__main__":
+    main_guard(main)
