@@ -623,3 +623,109 @@ def atlas_figure(atlas: Tensor | np.ndarray, scale: int = 1, pad: int = 2) -> np
     for i, im in enumerate(imgs):
         parts += ([gap] if i else []) + [im]
     return np.concatenate(parts, axis=1)
+
+
+# --------------------------------------------------------------------------- many objects on disk
+
+
+def atlas_stamp(cfg: AtlasConfig) -> str:
+    """Hash of the atlas settings and code: a finished atlas is reused only when both match."""
+    import dataclasses
+    import hashlib
+    import json
+    import sys
+
+    from . import assign as assign_mod
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    for mod in (sys.modules[__name__], assign_mod):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _index_row(item: Mapping[str, Any], rel: str, z: Any) -> dict[str, Any]:
+    c = np.asarray(z["center"], dtype=np.float64)
+    return {"id": str(item["id"]), "caption": str(item.get("caption", "") or ""), "path": rel,
+            "shard": str(item.get("shard", "")), "center_x": float(c[0]), "center_y": float(c[1]),
+            "center_z": float(c[2]), "scale": float(z["scale"]), "n_real": int(z["n_real"]),
+            "n_input": int(z["n_input"])}
+
+
+def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir: str | os.PathLike, *,
+                  reader: Any = None, device: str | torch.device = "cpu", batch: int = 8,
+                  use_gs2sphere: bool = False, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Build and save the atlases of many objects; broken ones are quarantined, the rest go on.
+
+    items : ``{"id", "src" (PLY path), "shard" (sub-folder), "caption"}`` per object.
+    reader : PLY reader (default :func:`~gaussian_atlas.gaussians.read_ply`; use
+        :func:`~gaussian_atlas.gaussians.read_gaussianverse_ply` for GaussianVerse fittings).
+    use_gs2sphere : use a ``gs2sphere.npy`` next to each PLY as its sphere assignment
+        (it must index this module's Fibonacci sphere; see :func:`gaussians_to_atlas`).
+
+    Writes ``out_dir/atlases/<shard>/<id>.npz`` (``atlas [16,S,S]`` float32, ``center``,
+    ``scale``, ``n_real``, ``n_input``, ``stamp``) atomically; an existing file with the
+    same :func:`atlas_stamp` is kept (resume). Returns ``(index rows, quarantine rows)``;
+    a quarantine row is ``{"id", "reason"}`` (unreadable file, missing properties,
+    NaN/inf, zero Gaussians).
+    """
+    from tqdm.auto import tqdm
+
+    from . import io as gio
+    from .gaussians import read_ply
+
+    reader = reader or read_ply
+    out_dir = Path(out_dir)
+    stamp = atlas_stamp(cfg)
+    rows: list[dict] = []
+    quarantine: list[dict] = []
+    todo = []
+    for it in items:
+        rel = f"atlases/{it.get('shard') or 'shard-00000'}/{it['id']}.npz"
+        path = out_dir / rel
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    if str(z["stamp"]) == stamp:
+                        rows.append(_index_row(it, rel, z))
+                        continue
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable leftover: rebuild it
+        todo.append((it, rel))
+    bar = tqdm(total=len(todo), desc="atlas", unit="obj", disable=not progress)
+    for start in range(0, len(todo), max(1, batch)):
+        good, gs, idx = [], [], []
+        for it, rel in todo[start:start + max(1, batch)]:
+            try:
+                g = reader(it["src"])
+                _check(g, f"{it['src']}")
+                gidx = None
+                if use_gs2sphere:
+                    p = Path(it["src"]).with_name("gs2sphere.npy")
+                    gidx = np.load(p) if p.exists() else None
+                good.append((it, rel))
+                gs.append(g)
+                idx.append(gidx)
+            except (OSError, ValueError) as exc:
+                quarantine.append({"id": str(it["id"]), "reason": str(exc)})
+        if gs:
+            try:
+                atlases, metas = build_atlases(gs, cfg, device=device,
+                                               gs2sphere=idx if any(i is not None for i in idx) else None)
+                results = list(zip(good, atlases.detach().cpu().numpy(), metas))
+            except ValueError:  # one bad object in the batch: build one by one so the rest go on
+                results = []
+                for (it, rel), g, gi in zip(good, gs, idx):
+                    try:
+                        a, m = gaussians_to_atlas(g, cfg, gs2sphere=gi)
+                        results.append(((it, rel), a.numpy(), m))
+                    except ValueError as exc:
+                        quarantine.append({"id": str(it["id"]), "reason": str(exc)})
+            for (it, rel), a, m in results:
+                with gio.atomic_path(out_dir / rel, suffix=".npz") as tmp:
+                    np.savez(tmp, atlas=np.asarray(a, dtype=np.float32), center=np.asarray(m["center"]),
+                             scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=stamp)
+                with np.load(out_dir / rel) as z:
+                    rows.append(_index_row(it, rel, z))
+        bar.update(len(todo[start:start + max(1, batch)]))
+    bar.close()
+    return rows, quarantine

@@ -71,6 +71,40 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {s['quarantined_fraction']:.1%} quarantined, above {cfg.max_quarantine_fraction:.1%}")
 
 
+def cmd_atlas(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from . import io as gio
+    from .atlas import AtlasConfig, write_atlases
+    from .data import read_captions
+    from .gaussians import read_gaussianverse_ply, read_ply
+
+    root = Path(args.plys)
+    if not root.is_dir():
+        raise FileNotFoundError(f"PLY folder does not exist: {root}")
+    if args.layout == "gaussianverse":  # <id>/point_cloud.ply (the GaussianVerse release)
+        plys = sorted(root.glob("**/point_cloud.ply"))
+        ids = [p.parent.name for p in plys]
+    else:  # <id>.ply, any depth (e.g. the fit stage's data/fits/objects)
+        plys = sorted(root.glob("**/*.ply"))
+        ids = [p.stem for p in plys]
+    if not plys:
+        raise FileNotFoundError(f"no {'point_cloud.ply' if args.layout == 'gaussianverse' else '*.ply'} under {root}")
+    captions = read_captions(args.captions)[0] if args.captions else {}
+    items = [{"id": i, "src": str(p), "shard": f"shard-{k // 1000:05d}", "caption": captions.get(i, "")}
+             for k, (i, p) in enumerate(zip(ids, plys))]
+    cfg = AtlasConfig(side=args.side, method=args.method, cache_dir=args.cache_dir)
+    reader = read_gaussianverse_ply if args.layout == "gaussianverse" else read_ply
+    rows, quarantine = write_atlases(items, cfg, args.out, reader=reader, device=args.device,
+                                     use_gs2sphere=args.use_gs2sphere)
+    out = Path(args.out)
+    gio.write_parquet(out / "index.parquet", pd.DataFrame(rows))
+    with gio.atomic_path(out / "quarantine.csv") as tmp:
+        pd.DataFrame(quarantine, columns=["id", "reason"]).to_csv(tmp, index=False)
+    print(f"{len(rows)} atlases [16, {args.side}, {args.side}] in {out}, {len(quarantine)} quarantined "
+          f"({out / 'quarantine.csv'}); next: python -m stages.normalize --atlas {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -115,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-quarantine-fraction", type=float, default=0.2)
     p.add_argument("--docs", action="store_true", help="also build great-expectations data docs in OUT/data_docs")
     p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("atlas", help="build Gaussian Atlases from a folder of PLYs (e.g. GaussianVerse fittings)",
+                       description="Turn 3DGS PLYs into atlases [16, S, S] in the atlas stage's layout "
+                       "(atlases/<shard>/<id>.npz, index.parquet, quarantine.csv). With --layout gaussianverse it "
+                       "reads the GaussianVerse release (<id>/point_cloud.ply, 59 properties), so users of that "
+                       "dataset skip fitting.")
+    p.add_argument("plys", help="folder of PLYs")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layout", choices=["inria", "gaussianverse"], default="inria")
+    p.add_argument("--captions", default=None, help="captions (jsonl or csv with id, caption)")
+    p.add_argument("--side", type=int, default=128, help="atlas side, N = side^2 (default: %(default)s, the paper's)")
+    p.add_argument("--method", default="auto", help="assignment solver: auto|scipy|emd|auction (default: auto)")
+    p.add_argument("--cache-dir", default="data/atlas_cache", help="where the sphere->grid index is cached")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--use-gs2sphere", action="store_true",
+                   help="use a gs2sphere.npy next to each PLY as its sphere assignment (must index our sphere)")
+    p.set_defaults(fn=cmd_atlas)
     return ap
 
 

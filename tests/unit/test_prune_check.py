@@ -1,0 +1,41 @@
+"""The prune_check quality gate: every kind of bad fit is rejected with its reason, good ones pass."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from gaussian_atlas.checks import validate_fits
+from gaussian_atlas.prune import PruneCheckConfig
+
+GOOD = {"status": "ok", "reason": "", "n_gaussians": 900, "n_nonfinite": 0, "psnr": 31.0, "log_scale_min": -6.0,
+        "log_scale_max": -2.0, "frac_transparent": 0.05, "extent": 1.1}
+
+
+def test_each_bad_fit_rejected_with_reason(tmp_path):
+    cfg = PruneCheckConfig(tau=1000, psnr_floor=25.0)
+    rows = {
+        "good": {},
+        "failed": {"status": "failed", "reason": "cannot write PLY: 3 rows contain NaN/inf", "psnr": float("nan")},
+        "too_many": {"n_gaussians": 1001},
+        "nan": {"n_nonfinite": 3},
+        "blurry": {"psnr": 21.5},
+        "tiny_scale": {"log_scale_min": math.log(1e-9)},
+        "huge_scale": {"log_scale_max": math.log(5.0)},
+        "transparent": {"frac_transparent": 0.8},
+        "flown_away": {"extent": 7.5},
+    }
+    table = pd.DataFrame([{"id": k, **GOOD, **v} for k, v in rows.items()])
+    verdict = validate_fits(table, cfg, docs_dir=tmp_path / "docs")
+    reasons = {table["id"][r]: "; ".join(m) for r, m in verdict["reasons"].items()}
+    assert "good" not in reasons
+    assert reasons["failed"] == "cannot write PLY: 3 rows contain NaN/inf"  # only its own reason
+    assert "1001 Gaussians (allowed 1..1000)" in reasons["too_many"]
+    assert "3 Gaussians with NaN/inf" in reasons["nan"]
+    assert "PSNR 21.50 dB below the floor 25 dB" in reasons["blurry"]
+    assert "degenerate scale 1e-09" in reasons["tiny_scale"]
+    assert "degenerate scale 5" in reasons["huge_scale"]
+    assert "80% of the Gaussians are transparent" in reasons["transparent"]
+    assert "reach 7.50" in reasons["flown_away"]
+    assert (tmp_path / "docs" / "index.html").exists()
