@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--skip-quality", action="store_true", help="only run (b)")
+    ap.add_argument("--skip-throughput", action="store_true", help="skip (b)")
+    ap.add_argument("--histogram-objects", type=int, default=0,
+                    help="(c) paper check: fit this many objects (packed) and record Gaussians per fit")
     args = ap.parse_args()
 
     cfg = FitConfig(steps=args.steps, tau=args.tau, init_points=4096, views_per_step=4, resolution=args.resolution,
@@ -72,7 +75,8 @@ def main() -> None:
                                           refine_every=100), lr_means_final=1.6e-6)
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "steps": args.steps, "resolution": args.resolution, "torch": torch.__version__}
-    objs = load_inputs(Path(args.data), max(args.batch, args.quality_objects, args.single_objects))
+    objs = load_inputs(Path(args.data), max(args.batch, args.quality_objects, args.single_objects,
+                                            args.histogram_objects))
     print(f"{len(objs)} objects, {objs[0].rgb.shape[0]} views, device {report['device']}", flush=True)
     fit_objects(objs[:1], replace(cfg, steps=20), device=args.device)  # warm-up (gsplat JIT, allocator)
 
@@ -94,6 +98,27 @@ def main() -> None:
               f"vs {np.mean([r['n_gaussians'] for r in base]):.0f}; max {max(r['n_gaussians'] for r in ours)} <= {tau}",
               flush=True)
         report[f"gap_{name}"] = gap
+
+    # (c) paper check (Fig. 2d): Gaussians per fit, simple vs composite objects
+    if args.histogram_objects:
+        hist = []
+        for start in range(0, args.histogram_objects, args.batch):
+            part = objs[start:min(start + args.batch, args.histogram_objects)]
+            res, _ = timed_fit(part, cfg, args.device)
+            for o, r in zip(part, res):
+                caption = json.loads((Path(args.data) / "objects" / o.id / "object.json").read_text())["caption"]
+                hist.append({"id": o.id, "caption": caption, "n_gaussians": r.metrics["n_gaussians"],
+                             "psnr": round(r.metrics["psnr"], 2), "composite": " on top of " in caption})
+        report["histogram"] = hist
+        for kind in (False, True):
+            n = [h["n_gaussians"] for h in hist if h["composite"] == kind]
+            if n:
+                print(f"(c) {'composite' if kind else 'single'} objects: {len(n)}, Gaussians per fit mean "
+                      f"{np.mean(n):.0f}, median {np.median(n):.0f}, range {min(n)}-{max(n)}", flush=True)
+    if args.skip_throughput:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
 
     # (b) throughput: packed batch vs one at a time
     batch_objs = objs[:args.batch]
