@@ -391,9 +391,9 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
             group["lr"] *= means_decay
         strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
         if on_step is not None:
-            on_step(step, {"loss": float(loss), "l1": float(l1), "n_gaussians": len(params["means"])})
+            on_step(step, {"loss": float(loss.detach()), "l1": float(l1.detach()), "n_gaussians": len(params["means"])})
         if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", n=len(params["means"]))
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", n=len(params["means"]))
     bar.close()
 
     # Final visibility over every training view (recorded in the PLY; the atlas keeps the most visible).
