@@ -111,6 +111,22 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         yield run
 
 
+def gate_tag(tag: str, fraction: float, limit: float) -> bool:
+    """Tag the active MLflow run with a gate's verdict; True when the gate passed."""
+    import mlflow
+
+    passed = fraction <= limit
+    mlflow.set_tag(tag, "passed" if passed else "failed")
+    return passed
+
+
+def check_gate(stage: str, fraction: float, limit: float, key: str, what: str, reasons: Path) -> None:
+    """Fail the stage in one line when more than ``limit`` of its inputs were ``what`` (quarantined/rejected)."""
+    if fraction > limit:
+        raise StageError(f"{stage}: {fraction:.1%} of the inputs were {what}, above {key}={limit:.1%}; "
+                         f"reasons in {reasons}")
+
+
 def main_guard(fn) -> None:
     """Run a stage's main; known failures print one line and exit 1."""
     from gaussian_atlas.data import DatasetError

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.common import StageError, load_params, main_guard, stage_run
+from stages.common import check_gate, gate_tag, load_params, main_guard, stage_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,13 +57,11 @@ def main(argv: list[str] | None = None) -> None:
             gio.write_png(sheet, contact_sheet(images, list(rows["caption"]), ncols=8))
             mlflow.log_artifact(str(sheet))
         frac = summary["quarantined_fraction"]
-        mlflow.set_tag("gatlas.quarantine_gate", "failed" if frac > cfg.max_quarantine_fraction else "passed")
+        gate_tag("gatlas.quarantine_gate", frac, cfg.max_quarantine_fraction)
     print(f"ingest: {summary['n_accepted']}/{summary['n_found']} objects accepted, {summary['n_quarantined']} "
           f"quarantined (see {out / 'quarantine.csv'}); data docs: {summary['data_docs']}")
-    if frac > cfg.max_quarantine_fraction:
-        raise StageError(f"ingest: {frac:.1%} of the objects were quarantined, above "
-                         f"ingest.max_quarantine_fraction={cfg.max_quarantine_fraction:.1%}; reasons in "
-                         f"{out / 'quarantine.csv'}")
+    check_gate("ingest", frac, cfg.max_quarantine_fraction, "ingest.max_quarantine_fraction", "quarantined",
+               out / "quarantine.csv")
 
 
 if __name__ == "__main__":

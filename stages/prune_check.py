@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.common import StageError, load_params, main_guard, stage_run
+from stages.common import StageError, check_gate, gate_tag, load_params, main_guard, stage_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,13 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         for f in (out / "accepted.csv", out / "quarantine.csv"):
             mlflow.log_artifact(str(f))
         mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="data_docs")
-        mlflow.set_tag("gatlas.quality_gate", "failed" if frac > cfg.max_rejected_fraction else "passed")
+        gate_tag("gatlas.quality_gate", frac, cfg.max_rejected_fraction)
     print(f"prune_check: {len(accepted)}/{len(table)} fits accepted, {len(rejected)} rejected "
           f"(see {out / 'quarantine.csv'})")
-    if frac > cfg.max_rejected_fraction:
-        raise StageError(f"prune_check: {frac:.1%} of the fits were rejected, above "
-                         f"prune_check.max_rejected_fraction={cfg.max_rejected_fraction:.1%}; reasons in "
-                         f"{out / 'quarantine.csv'}")
+    check_gate("prune_check", frac, cfg.max_rejected_fraction, "prune_check.max_rejected_fraction", "rejected",
+               out / "quarantine.csv")
 
 
 if __name__ == "__main__":
