@@ -1,6 +1,6 @@
 """Benchmark of gaussian_atlas.assign (the atlas stage's assignment) -- see docs/benchmarks.md.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_assign.py --n 16384 --batch 8 --device cuda
+    PYTHONUNBUFFERED=1 python benchmarks/bench_atlas.py --n 16384 --batch 8 --device cuda
 
 Inputs are made here without extra dependencies: "Gaussians" sampled on a torus shell plus
 a cube's surface, normalised into the unit sphere, assigned to N Fibonacci-sphere points;
