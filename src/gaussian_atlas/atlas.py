@@ -180,11 +180,7 @@ class AtlasConfig:
 def _check(g: Gaussians, what: str = "Gaussians") -> None:
     if not isinstance(g, Gaussians):
         raise TypeError(f"{what}: expected Gaussians, got {type(g).__name__}")
-    if g.batch_shape:
-        raise ValueError(f"{what}: one object [N, ...] expected, got batched means {list(g.means.shape)}")
-    problems = g.validate()
-    if not problems and len(g) == 0:
-        problems = ["zero Gaussians"]
+    problems = g.object_problems()
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
 

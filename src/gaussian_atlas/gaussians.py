@@ -271,6 +271,13 @@ class Gaussians:
         return [self._map(lambda t, b=b: t[b]) for b in range(self.batch_shape[0])]
 
     # ---- checks ------------------------------------------------------------
+    def object_problems(self) -> list[str]:
+        """:meth:`validate` for one object: also refuses batched and empty Gaussians."""
+        if self.batch_shape:
+            return [f"one object [N, ...] expected, got batched means {list(self.means.shape)}"]
+        problems = self.validate()
+        return problems or (["zero Gaussians"] if len(self) == 0 else [])
+
     def validate(self) -> list[str]:
         """Problems that make these Gaussians unusable; an empty list when there are none.
 
@@ -331,11 +338,7 @@ def write_ply(path: str | os.PathLike, g: Gaussians) -> Path:
         rows instead; this writer never writes fewer than N rows.)
     """
     path = Path(path)
-    if g.batch_shape:
-        raise PlyError(f"cannot write {path}: batched Gaussians {list(g.means.shape)}; write one object at a time")
-    problems = g.validate()
-    if not problems and len(g) == 0:
-        problems = ["zero Gaussians"]
+    problems = g.object_problems()
     if problems:
         raise PlyError(f"cannot write {path}: " + "; ".join(problems))
     cols = {
