@@ -1,0 +1,164 @@
+"""The denoiser: a diffusers UNet on 16-channel Gaussian Atlases, and its text side (paper Sec. 5).
+
+Two ways to get a model, both returning ``(unet, text_encoder, tokenizer)``:
+
+- **pretrained** (``ModelConfig.pretrained`` = a local folder or a hub id laid out like a
+  Stable Diffusion checkpoint: ``unet/``, ``text_encoder/``, ``tokenizer/``). The UNet's
+  ``conv_in`` is widened from 4 to 16 input channels by repeating its weights 4× and
+  dividing them by 4 (Marigold's rule: a 16-channel input made of four copies of a latent
+  gives exactly the pretrained response), and ``conv_out`` from 4 to 16 output channels by
+  repeating weights and bias. The text encoder is frozen.
+- **from config** (no weights needed, the embedded default): a UNet of ``size`` "tiny"
+  (CPU minutes) or "sd" (the SD-1.5 layout, for GPU benchmarks) with 16 channels in and
+  out, a small CLIP text encoder that is trained, and an offline word-level tokenizer
+  built from the training captions (``tokenizers`` WordLevel: lower-cased words,
+  ``[BOS] ... [EOS]``, ``[UNK]`` for unseen words, padded to ``max_length``).
+
+Hub ids need network access; here only local folders load (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["ModelConfig", "unet_config", "widen_conv_in", "widen_conv_out", "widen_unet", "build_tokenizer",
+           "build_text_encoder", "load_model"]
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``params.yaml: train.model``.
+
+    pretrained : local folder / hub id with unet/, text_encoder/, tokenizer/; None = from config.
+    size : "tiny" or "sd" (the UNet built from config).
+    channels : atlas channels (16).
+    sample_size : atlas side.
+    max_length : text tokens (from-config tokenizer).
+    local_files_only : never reach a hub (this workplace has none).
+    """
+
+    pretrained: str | None = None
+    size: str = "tiny"
+    channels: int = 16
+    sample_size: int = 64
+    max_length: int = 32
+    local_files_only: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size not in ("tiny", "sd"):
+            raise ValueError(f"model.size must be 'tiny' or 'sd', got {self.size!r}")
+        if self.channels % 4:
+            raise ValueError(f"model.channels must be a multiple of 4 (conv_in is repeated), got {self.channels}")
+
+
+def unet_config(size: str, channels: int, sample_size: int, cross_attention_dim: int) -> dict[str, Any]:
+    """``UNet2DConditionModel`` arguments: "sd" is the SD-1.5 layout, "tiny" a small CPU one."""
+    if size == "sd":
+        return dict(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                      "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=cross_attention_dim, attention_head_dim=8)
+    return dict(sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(32, 64),
+                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                attention_head_dim=4, norm_num_groups=8)
+
+
+@torch.no_grad()
+def widen_conv_in(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
+    """``[O, I, k, k] -> [O, factor·I, k, k]``: weights repeated ``factor`` times and divided by it."""
+    new = nn.Conv2d(conv.in_channels * factor, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None).to(conv.weight)
+    new.weight.copy_(conv.weight.repeat(1, factor, 1, 1) / factor)
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias)
+    return new
+
+
+@torch.no_grad()
+def widen_conv_out(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
+    """``[O, I, k, k] -> [factor·O, I, k, k]``: weights and bias repeated ``factor`` times."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels * factor, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None).to(conv.weight)
+    new.weight.copy_(conv.weight.repeat(factor, 1, 1, 1))
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias.repeat(factor))
+    return new
+
+
+def widen_unet(unet: Any, channels: int) -> Any:
+    """Widen a pretrained UNet's ``conv_in``/``conv_out`` to ``channels`` (a multiple of theirs) in place."""
+    c_in, c_out = unet.conv_in.in_channels, unet.conv_out.out_channels
+    if channels % c_in or channels % c_out:
+        raise ValueError(f"cannot widen a {c_in}->{c_out} channel UNet to {channels}: not a multiple")
+    if channels != c_in:
+        unet.conv_in = widen_conv_in(unet.conv_in, channels // c_in)
+    if channels != c_out:
+        unet.conv_out = widen_conv_out(unet.conv_out, channels // c_out)
+    unet.register_to_config(in_channels=channels, out_channels=channels)
+    return unet
+
+
+def build_tokenizer(captions: Iterable[str], max_length: int = 32) -> Any:
+    """An offline word-level tokenizer over the words of ``captions`` (a ``PreTrainedTokenizerFast``)."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for c in captions for w, _span in split.pre_tokenize_str(c.lower())})
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=max_length)
+
+
+def build_text_encoder(tokenizer: Any, size: str = "tiny") -> Any:
+    """A CLIP text encoder built from config for ``tokenizer``'s vocabulary (trainable)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    hidden = 64 if size == "tiny" else 768
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
+                         num_hidden_layers=2 if size == "tiny" else 12, num_attention_heads=2 if size == "tiny" else 12,
+                         max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return CLIPTextModel(cfg)
+
+
+def load_model(cfg: ModelConfig, captions: Iterable[str] = ()) -> tuple[Any, Any, Any]:
+    """``(unet, text_encoder, tokenizer)`` from a pretrained checkpoint or from config (see the module docstring)."""
+    from diffusers import UNet2DConditionModel
+
+    if cfg.pretrained:
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        kw = {"local_files_only": cfg.local_files_only}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder", **kw)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer", **kw)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load the pretrained model {cfg.pretrained!r} (unet/, text_encoder/, "
+                             f"tokenizer/ expected; no hub is reachable here): {exc}") from None
+        widen_unet(unet, cfg.channels)
+        text_encoder.requires_grad_(False)  # frozen when pretrained (paper Sec. 6)
+        return unet, text_encoder, tokenizer
+    tokenizer = build_tokenizer(captions, cfg.max_length)
+    text_encoder = build_text_encoder(tokenizer, cfg.size)
+    unet = UNet2DConditionModel(**unet_config(cfg.size, cfg.channels, cfg.sample_size,
+                                              text_encoder.config.hidden_size))
+    return unet, text_encoder, tokenizer
