@@ -1,0 +1,288 @@
+"""Fine-tuning the UNet on normalised Gaussian Atlases (paper Sec. 5, Eq. 4, Sec. 6).
+
+A flat, commented loop in the style of diffusers' ``train_text_to_image.py``:
+DDPM noise schedule with **v-prediction**, 20% caption dropout (for classifier-free
+guidance), AdamW, EMA through ``diffusers.training_utils.EMAModel``, ``accelerate`` for
+devices / bf16 / gradient accumulation / DDP, and the **rendering losses** of Eq. 4: the
+predicted clean atlas is de-normalised, unpacked into Gaussians and rendered into a
+reference view of its object (gsplat on CUDA, the torch compositor on CPU):
+``L = L_v + λ_rgb·L1(rgb) + λ_mask·L1(alpha) [+ λ_lpips·LPIPS]``.
+
+Checkpoints (``checkpoint-<step>/``: ``accelerator.save_state`` — model, optimizer, LR
+scheduler, RNG states — plus EMA weights, the step and the batch sampler's generator) are
+written every ``checkpoint_every`` steps; :func:`train` resumes from the newest one, so a
+killed run continues with the same step, optimizer, scheduler, EMA and RNG state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import ModelConfig
+
+__all__ = ["TrainConfig", "TrainData", "load_train_data", "train", "latest_checkpoint"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``params.yaml: train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5  # paper: AdamW 5e-5
+    lr_warmup: int = 0
+    weight_decay: float = 1e-2
+    text_dropout: float = 0.2  # paper: 20% for classifier-free guidance
+    ema_decay: float = 0.999
+    num_train_timesteps: int = 1000
+    lambda_rgb: float = 0.1
+    lambda_mask: float = 0.1
+    lambda_lpips: float = 0.0  # needs weights on disk (see fit.load_lpips)
+    lpips_weights: str | None = None
+    render_every: int = 1  # rendering losses every k steps (0 = never)
+    render_resolution: int = 32
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
+    seed: int = 0
+
+
+@dataclass
+class TrainData:
+    """Everything the loop reads, resident in memory (tensors on the CPU)."""
+
+    atlases: torch.Tensor  # [M, 16, S, S] normalised
+    captions: list[str]
+    centers: torch.Tensor  # [M, 3]
+    scales: torch.Tensor  # [M]
+    ref_rgb: torch.Tensor  # [M, V, R, R, 3] on white
+    ref_alpha: torch.Tensor  # [M, V, R, R]
+    ref_c2w: torch.Tensor  # [M, V, 4, 4]
+    ref_K: torch.Tensor  # [M, V, 3, 3] at resolution R
+    mean: torch.Tensor  # [16, S, S]
+    std: torch.Tensor  # [16, S, S]
+    grid: torch.Tensor  # [S*S] sphere -> pixel index of the atlas
+
+
+def load_train_data(atlas_dir: str | Path, stats_path: str | Path, ingested_dir: str | Path, atlas_cfg: Any,
+                    render_resolution: int = 32, ref_views: int = 4) -> TrainData:
+    """Normalised atlases, captions and a few reference views per object, in memory."""
+    import pandas as pd
+
+    from .atlas import sphere_to_grid
+    from .data import load_manifest, load_object
+    from .normalize import RunningStats, normalize
+
+    atlas_dir = Path(atlas_dir)
+    index = pd.read_parquet(atlas_dir / "index.parquet")
+    if not len(index):
+        raise ValueError(f"{atlas_dir / 'index.parquet'} lists no atlases: nothing to train on")
+    stats = RunningStats.load(stats_path)
+    paths = dict(zip(*load_manifest(ingested_dir)[["id", "path"]].values.T))
+    atlases, rgbs, alphas, c2ws, Ks = [], [], [], [], []
+    for r in index.itertuples(index=False):
+        with np.load(atlas_dir / r.path) as z:
+            atlases.append(torch.from_numpy(np.asarray(normalize(z["atlas"], stats), dtype=np.float32)))
+        o = load_object(Path(ingested_dir) / paths[r.id])
+        V, H, W, _ = o["rgb"].shape
+        pick = np.linspace(0, V - 1, min(ref_views, V)).round().astype(int)
+        img = torch.from_numpy(np.concatenate([o["rgb"][pick], o["alpha"][pick][..., None]], -1)).permute(0, 3, 1, 2)
+        img = F.interpolate(img, size=(render_resolution, render_resolution), mode="area").permute(0, 2, 3, 1)
+        K = torch.from_numpy(o["K"][pick]).clone()
+        K[:, 0] *= render_resolution / W
+        K[:, 1] *= render_resolution / H
+        rgbs.append(img[..., :3])
+        alphas.append(img[..., 3])
+        c2ws.append(torch.from_numpy(o["c2w"][pick]))
+        Ks.append(K)
+    return TrainData(
+        atlases=torch.stack(atlases), captions=list(index["caption"].fillna("")),
+        centers=torch.tensor(index[["center_x", "center_y", "center_z"]].values, dtype=torch.float32),
+        scales=torch.tensor(index["scale"].values, dtype=torch.float32),
+        ref_rgb=torch.stack(rgbs), ref_alpha=torch.stack(alphas), ref_c2w=torch.stack(c2ws), ref_K=torch.stack(Ks),
+        mean=torch.from_numpy(stats.mean.astype(np.float32)), std=torch.from_numpy(stats.std.astype(np.float32)),
+        grid=sphere_to_grid(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
+    )
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "extra.pt").exists()]  # complete ones only
+    return ckpts[-1] if ckpts else None
+
+
+def _render_loss(x0: torch.Tensor, idx: torch.Tensor, data: TrainData, atlas_cfg: Any, rng: torch.Generator,
+                 R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 on RGB and alpha of one random reference view per object, rendered from predicted atlases."""
+    from .atlas import atlas_to_gaussians
+    from .render import render
+
+    dev = x0.device
+    atlas = x0.float() * data.std.to(dev) + data.mean.to(dev)  # de-normalise [B, 16, S, S]
+    metas = [{"center": data.centers[i].tolist(), "scale": float(data.scales[i])} for i in idx.tolist()]
+    g = atlas_to_gaussians(atlas, metas, atlas_cfg, grid=data.grid)  # [B, N, ...] in object frames
+    V = data.ref_c2w.shape[1]
+    v = torch.randint(0, V, (len(idx),), generator=rng)
+    c2w = data.ref_c2w[idx, v][:, None].to(dev)  # [B, 1, 4, 4]
+    K = data.ref_K[idx, v][:, None].to(dev)
+    out = render(g.to(dev, torch.float32), c2w, K, R, R, background=1.0)
+    l_rgb = torch.abs(out.rgb[:, 0] - data.ref_rgb[idx, v].to(dev)).mean()
+    l_mask = torch.abs(out.alpha[:, 0, ..., 0] - data.ref_alpha[idx, v].to(dev)).mean()
+    return l_rgb, l_mask
+
+
+def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path, *,
+          log: Callable[[int, dict[str, float]], None] | None = None, stop_after: int | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Train (or resume training) and save the final model under ``out_dir/model``.
+
+    ``stop_after``: return after this many steps of *this call* (simulates a killed run in tests).
+    Returns a summary (final step, seconds, last losses, samples/s).
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .model import load_model
+
+    out_dir = Path(out_dir)
+    mp = ("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
+    torch.manual_seed(cfg.seed)
+
+    # 1. model, text side, noise schedule (v-prediction), optimizer, LR schedule, EMA
+    unet, text_encoder, tokenizer = load_model(cfg.model, data.captions)
+    train_text = any(p.requires_grad for p in text_encoder.parameters())
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type="v_prediction")
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=torch.cuda.is_available())
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup,
+                                 num_training_steps=cfg.steps)
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay,
+                   model_cls=UNet2DConditionModel, model_config=accelerator.unwrap_model(unet).config)
+    ema.to(accelerator.device)
+    batch_rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # checkpointed
+
+    # 2. resume from the newest complete checkpoint
+    step = 0
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        extra = torch.load(ckpt / "extra.pt", weights_only=False)
+        step = int(extra["step"])
+        ema.load_state_dict(extra["ema"])
+        batch_rng.set_state(extra["batch_rng"])
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids.to(accelerator.device)
+        return text_encoder(ids)[0]  # [B, T, D]
+
+    lpips_fn = None
+    if cfg.lambda_lpips > 0:
+        from .fit import load_lpips
+
+        lpips_fn, _ = load_lpips(cfg.lpips_weights, accelerator.device)
+
+    M = len(data.atlases)
+    t0, done, last = time.perf_counter(), 0, {}
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    unet.train()
+    while step < cfg.steps and (stop_after is None or done < stop_after):
+        with accelerator.accumulate(unet):
+            # 3. a batch: atlases, captions (20% dropped to "" for CFG), noise, timesteps
+            idx = torch.randint(0, M, (cfg.batch_size,), generator=batch_rng)
+            x0 = data.atlases[idx].to(accelerator.device)  # [B, 16, S, S]
+            drop = torch.rand(cfg.batch_size, generator=batch_rng) < cfg.text_dropout
+            captions = ["" if d else data.captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
+            noise = torch.randn(x0.shape, generator=batch_rng).to(accelerator.device)
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=batch_rng).to(accelerator.device)
+            xt = noise_scheduler.add_noise(x0, noise, t)
+
+            # 4. v-prediction loss
+            with accelerator.autocast():
+                v_pred = unet(xt, t, encoder_hidden_states=encode(captions)).sample
+            v_target = noise_scheduler.get_velocity(x0, noise, t)
+            loss_v = F.mse_loss(v_pred.float(), v_target.float())
+            loss = loss_v
+            logs = {"loss_v": float(loss_v.detach())}
+
+            # 5. rendering losses (Eq. 4): predicted x0 -> Gaussians -> reference views
+            if cfg.render_every and step % cfg.render_every == 0 and (cfg.lambda_rgb > 0 or cfg.lambda_mask > 0):
+                ac = noise_scheduler.alphas_cumprod.to(accelerator.device)[t].view(-1, 1, 1, 1)
+                x0_pred = ac.sqrt() * xt - (1 - ac).sqrt() * v_pred.float()  # x0 from v
+                l_rgb, l_mask = _render_loss(x0_pred, idx, data, atlas_cfg, batch_rng, cfg.render_resolution)
+                loss = loss + cfg.lambda_rgb * l_rgb + cfg.lambda_mask * l_mask
+                logs.update(loss_rgb=float(l_rgb.detach()), loss_mask=float(l_mask.detach()))
+
+            # 6. step
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if accelerator.sync_gradients:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+            step += 1
+            done += 1
+            bar.update(1)
+            logs.update(loss=float(loss.detach()), lr=lr_scheduler.get_last_lr()[0])
+            last = logs
+            if log is not None and accelerator.is_main_process:
+                log(step, logs)
+            # 7. checkpoint: accelerate state + EMA + step + sampler generator
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(accelerator, ema, batch_rng, step, out_dir, cfg.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {"step": step, "seconds": seconds, "samples_per_second": done * cfg.batch_size * cfg.grad_accum /
+               max(seconds, 1e-9), **{f"last_{k}": v for k, v in last.items()}}
+    if step >= cfg.steps and accelerator.is_main_process:
+        _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, out_dir / "model")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_checkpoint(accelerator: Any, ema: Any, rng: torch.Generator, step: int, out_dir: Path, keep: int) -> None:
+    ckpt = out_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        # extra.pt is written last and atomically: its presence marks a complete checkpoint
+        from .io import atomic_path
+
+        with atomic_path(ckpt / "extra.pt", suffix=".pt") as tmp:
+            torch.save({"step": step, "ema": ema.state_dict(), "batch_rng": rng.get_state()}, tmp)
+        old = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-max(1, keep)]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _save_model(accelerator: Any, unet: Any, text_encoder: Any, tokenizer: Any, ema: Any, scheduler: Any,
+                path: Path) -> None:
+    """The final model as a diffusers-style folder, with the EMA weights in the UNet."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    unet = accelerator.unwrap_model(unet)
+    ema.copy_to(unet.parameters())
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(path / "unet")
+    accelerator.unwrap_model(text_encoder).save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++").save_pretrained(
+        path / "scheduler")
