@@ -28,8 +28,10 @@ TINY = {
             "densify": {"refine_start_iter": 10, "refine_every": 10, "refine_stop_iter": 25}},
     "prune_check": {"psnr_floor": 5.0},
     "atlas": {"side": 16, "method": "scipy"},
+    "train": {"model": {"sample_size": 16, "max_length": 16}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
+              "render_resolution": 16},
 }
-STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize"]
+STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "train"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -125,6 +127,11 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     with np.load(project / "data/normalize/stats.npz") as z:
         assert int(z["count"]) == 4 and (z["std"] > 0).all()
     assert "atlas_channels" in {a.path for a in client.list_artifacts(by_stage["atlas"].info.run_id)}
+    model = project / "models/atlas-unet/model"
+    assert {"unet", "text_encoder", "tokenizer", "scheduler", "stats.npz", "sphere2grid.npy"} <= \
+        {p.name for p in model.iterdir()}
+    tr = by_stage["train"]
+    assert len(client.get_metric_history(tr.info.run_id, "loss_v")) == 3
 
     again = pipeline(root=str(project))
     assert again["stages"] == {s: "up to date" for s in STAGES}
