@@ -7,12 +7,15 @@ Resumes from the newest checkpoint in ``--out`` (``persist: true``). Writes the 
 model folder (``<out>/model``: unet/ with EMA weights, text_encoder/, tokenizer/,
 scheduler/ (DPM-Solver++), plus ``stats.npz`` and the atlas grid index so it is
 self-contained), ``metrics/train.json``; logs losses, learning rate and samples/s per
-step to MLflow and the model folder as an artifact.
+step, preview samples every ``train.sample_every`` steps (``samples/step_*.png``) to MLflow,
+and logs the model folder as an MLflow pyfunc registered under ``mlflow.registered_model``
+(``stages/atlas_pyfunc.py``: prompts in, PLYs out).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="models/atlas-unet", help="checkpoints + final model (default: %(default)s)")
     ap.add_argument("--metrics", default="metrics/train.json", help="DVC metrics file (default: %(default)s)")
     ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
+    ap.add_argument("--register", default=None, metavar="NAME",
+                    help="MLflow registered-model name (default: params.yaml mlflow.registered_model; '' = do not "
+                         "register, log the folder as plain artifacts)")
     args = ap.parse_args(argv)
 
     import mlflow
@@ -37,14 +43,20 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.train import TrainConfig, load_train_data, train
 
     params = load_params(None, args.params)
+    if args.register is None:
+        args.register = (params.get("mlflow") or {}).get("registered_model") or ""
     atlas_section = {k: v for k, v in (params.get("atlas") or {}).items() if k not in ("batch_objects", "device")}
     atlas_cfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
     cfg = from_dict(TrainConfig, params.get("train") or {}, "params.yaml: train")
     data = load_train_data(args.atlas, args.stats, args.ingested, atlas_cfg, cfg.render_resolution)
     out = Path(args.out)
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of `accelerate launch`/torchrun: train, log nothing
+        train(cfg, data, atlas_cfg, out)
+        return
     with stage_run("train", {**to_dict(cfg), "n_atlases": len(data.atlases)}):
         summary = train(cfg, data, atlas_cfg, out, progress=True,
-                        log=lambda step, m: mlflow.log_metrics(m, step=step))
+                        log=lambda step, m: mlflow.log_metrics(m, step=step),
+                        images=lambda step, sheet: mlflow.log_image(sheet, f"samples/step_{step:06d}.png"))
         model = out / "model"
         shutil.copy2(args.stats, model / "stats.npz")  # self-contained: de-normalisation ...
         shutil.copy2(sphere_grid_cache_path(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
@@ -53,9 +65,30 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}
         gio.write_json(args.metrics, metrics)
         mlflow.log_metrics({"samples_per_second": summary["samples_per_second"], "train_seconds": summary["seconds"]})
-        mlflow.log_artifacts(str(model), artifact_path="model")
+        if args.register:
+            register(model, args.register)
+        else:
+            mlflow.log_artifacts(str(model), artifact_path="model")
     print(f"train: {summary['step']} steps, last loss {summary.get('last_loss', float('nan')):.4f}, "
           f"{summary['samples_per_second']:.1f} samples/s -> {model}")
+
+
+def register(model: Path, name: str) -> None:
+    """Log the model folder as an MLflow pyfunc (stages/atlas_pyfunc.py) and register it as ``name``."""
+    import mlflow
+
+    reqs = [f"{d}=={_version(d)}" for d in ("torch", "diffusers", "transformers", "numpy", "pandas", "plyfile")]
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("atlas_pyfunc.py")),
+                                   artifacts={"model_dir": str(model)}, pip_requirements=reqs,
+                                   code_paths=[str(Path(__file__).resolve().parents[1] / "src" / "gaussian_atlas")],
+                                   registered_model_name=name)
+    print(f"train: registered {name!r} version {info.registered_model_version} ({info.model_uri})")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ killed run continues with the same step, optimizer, scheduler, EMA and RNG state
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
     seed: int = 0
+    # previews: every k steps, a few prompts sampled (EMA weights, DPM-Solver++) and rendered
+    sample_every: int = 0  # 0 = never
+    sample_prompts: tuple[str, ...] = ()  # () = the first 4 distinct training captions
+    sample_steps: int = 20
+    sample_guidance: float = 3.5
+    sample_views: int = 4
+    sample_resolution: int = 96
 
 
 @dataclass
@@ -143,9 +151,12 @@ def _render_loss(x0: torch.Tensor, idx: torch.Tensor, data: TrainData, atlas_cfg
 
 def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path, *,
           log: Callable[[int, dict[str, float]], None] | None = None, stop_after: int | None = None,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, images: Callable[[int, np.ndarray], None] | None = None) -> dict[str, Any]:
     """Train (or resume training) and save the final model under ``out_dir/model``.
 
+    ``log(step, metrics)``: called on the main process after every optimisation step.
+    ``images(step, sheet)``: every ``cfg.sample_every`` steps (and at the last step), a uint8
+    ``[H, W, 3]`` picture of preview samples (a row of ``cfg.sample_views`` renders per prompt).
     ``stop_after``: return after this many steps of *this call* (simulates a killed run in tests).
     Returns a summary (final step, seconds, last losses, samples/s).
     """
@@ -159,7 +170,10 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
 
     out_dir = Path(out_dir)
     mp = ("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
+    # launched by torchrun on a machine without CUDA: accelerate joins the gloo process group only when
+    # told cpu=True (else every rank would train alone, each its own main process, racing on out_dir)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=cpu)
     torch.manual_seed(cfg.seed)
 
     # 1. model, text side, noise schedule (v-prediction), optimizer, LR schedule, EMA
@@ -185,7 +199,9 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
         extra = torch.load(ckpt / "extra.pt", weights_only=False)
         step = int(extra["step"])
         ema.load_state_dict(extra["ema"])
-        batch_rng.set_state(extra["batch_rng"])
+        rngs = extra.get("batch_rngs") or [extra["batch_rng"]]  # one per rank (older checkpoints: rank 0's)
+        if accelerator.process_index < len(rngs):  # else (more ranks than saved): keep the fresh seed
+            batch_rng.set_state(rngs[accelerator.process_index])
 
     def encode(captions: list[str]) -> torch.Tensor:
         ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
@@ -249,25 +265,63 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
             # 7. checkpoint: accelerate state + EMA + step + sampler generator
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_checkpoint(accelerator, ema, batch_rng, step, out_dir, cfg.keep_checkpoints)
+            # 8. previews (main process only; no collective calls inside)
+            if (images is not None and cfg.sample_every and accelerator.is_main_process
+                    and (step % cfg.sample_every == 0 or step == cfg.steps)):
+                images(step, _preview(cfg, accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, data,
+                                      atlas_cfg))
     bar.close()
     seconds = time.perf_counter() - t0
-    summary = {"step": step, "seconds": seconds, "samples_per_second": done * cfg.batch_size * cfg.grad_accum /
-               max(seconds, 1e-9), **{f"last_{k}": v for k, v in last.items()}}
+    summary = {"step": step, "seconds": seconds, "samples_per_second": done * cfg.batch_size * cfg.grad_accum *
+               accelerator.num_processes / max(seconds, 1e-9), **{f"last_{k}": v for k, v in last.items()}}
     if step >= cfg.steps and accelerator.is_main_process:
         _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, out_dir / "model")
     accelerator.wait_for_everyone()
     return summary
 
 
+@torch.no_grad()
+def _preview(cfg: TrainConfig, accelerator: Any, unet: Any, text_encoder: Any, tokenizer: Any, ema: Any,
+             noise_scheduler: Any, data: TrainData, atlas_cfg: Any) -> np.ndarray:
+    """Sample ``cfg.sample_prompts`` with the EMA weights and render them: uint8 ``[H, W, 3]``."""
+    from .atlas import atlas_to_gaussians
+    from .sample import dpm_solver, orbit_cameras, render_views, sample_atlases, sample_sheet
+
+    prompts = list(cfg.sample_prompts) or list(dict.fromkeys(c for c in data.captions if c))[:4]
+    net, te = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    ema.store(net.parameters())
+    ema.copy_to(net.parameters())
+    te_was_training = te.training
+    net.eval()
+    te.eval()
+    try:
+        with accelerator.autocast():
+            x = sample_atlases(net, te, tokenizer, dpm_solver(noise_scheduler.config), prompts,
+                               [cfg.seed + i for i in range(len(prompts))], steps=cfg.sample_steps,
+                               guidance=cfg.sample_guidance, batch_size=len(prompts))
+        atlas = x.float() * data.std.to(x.device) + data.mean.to(x.device)  # [P, 16, S, S] de-normalised
+        g = atlas_to_gaussians(atlas, None, atlas_cfg, grid=data.grid)
+        views = render_views(g, *orbit_cameras(cfg.sample_views, cfg.sample_resolution), cfg.sample_resolution)
+    finally:
+        ema.restore(net.parameters())
+        net.train()
+        te.train(te_was_training)
+    return sample_sheet(views, prompts)
+
+
 def _save_checkpoint(accelerator: Any, ema: Any, rng: torch.Generator, step: int, out_dir: Path, keep: int) -> None:
     ckpt = out_dir / f"checkpoint-{step}"
     accelerator.save_state(str(ckpt))
+    from accelerate.utils import gather_object
+
+    # every rank's batch generator (a collective: also waits until every rank has saved its state)
+    rngs = gather_object([rng.get_state()])
     if accelerator.is_main_process:
         # extra.pt is written last and atomically: its presence marks a complete checkpoint
         from .io import atomic_path
 
         with atomic_path(ckpt / "extra.pt", suffix=".pt") as tmp:
-            torch.save({"step": step, "ema": ema.state_dict(), "batch_rng": rng.get_state()}, tmp)
+            torch.save({"step": step, "ema": ema.state_dict(), "batch_rng": rngs[0], "batch_rngs": rngs}, tmp)
         old = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-max(1, keep)]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)

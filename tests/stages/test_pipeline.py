@@ -29,7 +29,8 @@ TINY = {
     "prune_check": {"psnr_floor": 5.0},
     "atlas": {"side": 16, "method": "scipy"},
     "train": {"model": {"sample_size": 16, "max_length": 16}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
-              "render_resolution": 16},
+              "render_resolution": 16, "sample_every": 2, "sample_steps": 2, "sample_views": 2,
+              "sample_resolution": 16},
 }
 STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "train"]
 
@@ -132,6 +133,10 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
         {p.name for p in model.iterdir()}
     tr = by_stage["train"]
     assert len(client.get_metric_history(tr.info.run_id, "loss_v")) == 3
+    previews = {a.path for a in client.list_artifacts(tr.info.run_id, "samples")}
+    assert previews == {"samples/step_000002.png", "samples/step_000003.png"}
+    versions = client.search_model_versions("name = 'gaussian-atlas-unet'")
+    assert versions and versions[0].run_id == tr.info.run_id
 
     again = pipeline(root=str(project))
     assert again["stages"] == {s: "up to date" for s in STAGES}

@@ -60,3 +60,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     train(c, data, acfg, tmp_path / "one")
     one = UNet2DConditionModel.from_pretrained(tmp_path / "one" / "model" / "unet")
     assert any(not torch.equal(p1, p2) for p1, p2 in zip(one.parameters(), a.parameters()))
+
+
+def test_previews_are_logged_and_leave_training_untouched(tmp_path):
+    """Preview sampling swaps EMA weights in and out: the trained weights must be the same as without it."""
+    data, acfg = _data(tmp_path)
+    sheets = []
+    cfg = replace(CFG, steps=4, sample_every=2, sample_steps=2, sample_views=2, sample_resolution=16)
+    train(cfg, data, acfg, tmp_path / "with", images=lambda step, img: sheets.append((step, img)))
+    train(replace(cfg, sample_every=0), data, acfg, tmp_path / "without")
+    assert [s for s, _ in sheets] == [2, 4]
+    img = sheets[0][1]
+    assert img.dtype.name == "uint8" and img.ndim == 3 and img.shape[2] == 3
+    assert img.min() < 255  # something was drawn (labels at least)
+    from diffusers import UNet2DConditionModel
+
+    a = UNet2DConditionModel.from_pretrained(tmp_path / "with" / "model" / "unet")
+    b = UNet2DConditionModel.from_pretrained(tmp_path / "without" / "model" / "unet")
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
