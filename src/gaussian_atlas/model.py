@@ -41,6 +41,7 @@ class ModelConfig:
     sample_size : atlas side.
     max_length : text tokens (from-config tokenizer).
     local_files_only : never reach a hub (this workplace has none).
+    train_text_encoder : None = trained when built from config, frozen when pretrained (paper).
     """
 
     pretrained: str | None = None
@@ -49,6 +50,7 @@ class ModelConfig:
     sample_size: int = 64
     max_length: int = 32
     local_files_only: bool = True
+    train_text_encoder: bool | None = None  # None: trained when built from config, frozen when pretrained
 
     def __post_init__(self) -> None:
         if self.size not in ("tiny", "sd"):
@@ -158,10 +160,12 @@ def load_model(cfg: ModelConfig, captions: Iterable[str] = ()) -> tuple[Any, Any
             raise ValueError(f"cannot load the pretrained model {cfg.pretrained!r} (unet/, text_encoder/, "
                              f"tokenizer/ expected; no hub is reachable here): {exc}") from None
         widen_unet(unet, cfg.channels)
-        text_encoder.requires_grad_(False)  # frozen when pretrained (paper Sec. 6)
+        text_encoder.requires_grad_(bool(cfg.train_text_encoder))  # frozen when pretrained (paper Sec. 6)
         return unet, text_encoder, tokenizer
     tokenizer = build_tokenizer(captions, cfg.max_length)
     text_encoder = build_text_encoder(tokenizer, cfg.size)
+    if cfg.train_text_encoder is False:
+        text_encoder.requires_grad_(False)
     unet = UNet2DConditionModel(**unet_config(cfg.size, cfg.channels, cfg.sample_size,
                                               text_encoder.config.hidden_size))
     return unet, text_encoder, tokenizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +55,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
+    compile: bool = False  # torch.compile the UNet's training forward (GPU; pays off after a few hundred steps)
+    channels_last: bool = True  # NHWC UNet on CUDA (faster convolutions); ignored on the CPU
+    data_on_device: str = "auto"  # auto | always | never: atlases resident on the GPU (auto: if < 1/4 of its memory)
+    log_every: int = 1  # read the losses back every k steps (each read waits for the GPU)
     seed: int = 0
     # previews: every k steps, a few prompts sampled (EMA weights, DPM-Solver++) and rendered
     sample_every: int = 0  # 0 = never
@@ -130,8 +134,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def _render_loss(x0: torch.Tensor, idx: torch.Tensor, data: TrainData, atlas_cfg: Any, rng: torch.Generator,
-                 R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 on RGB and alpha of one random reference view per object, rendered from predicted atlases."""
+                 R: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 on RGB and alpha of one random reference view per object, rendered from predicted atlases.
+
+    Returns ``(l_rgb, l_mask, rendered rgb [B, R, R, 3], reference rgb [B, R, R, 3])``.
+    """
     from .atlas import atlas_to_gaussians
     from .render import render
 
@@ -144,9 +151,10 @@ def _render_loss(x0: torch.Tensor, idx: torch.Tensor, data: TrainData, atlas_cfg
     c2w = data.ref_c2w[idx, v][:, None].to(dev)  # [B, 1, 4, 4]
     K = data.ref_K[idx, v][:, None].to(dev)
     out = render(g.to(dev, torch.float32), c2w, K, R, R, background=1.0)
-    l_rgb = torch.abs(out.rgb[:, 0] - data.ref_rgb[idx, v].to(dev)).mean()
+    ref = data.ref_rgb[idx, v].to(dev)  # [B, R, R, 3]
+    l_rgb = torch.abs(out.rgb[:, 0] - ref).mean()
     l_mask = torch.abs(out.alpha[:, 0, ..., 0] - data.ref_alpha[idx, v].to(dev)).mean()
-    return l_rgb, l_mask
+    return l_rgb, l_mask, out.rgb[:, 0], ref
 
 
 def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path, *,
@@ -169,27 +177,47 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     from .model import load_model
 
     out_dir = Path(out_dir)
-    mp = ("bf16" if torch.cuda.is_available() else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    cuda = torch.cuda.is_available()
+    mp = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
     # launched by torchrun on a machine without CUDA: accelerate joins the gloo process group only when
     # told cpu=True (else every rank would train alone, each its own main process, racing on out_dir)
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=cpu)
+    dev = accelerator.device
     torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convolutions
 
     # 1. model, text side, noise schedule (v-prediction), optimizer, LR schedule, EMA
     unet, text_encoder, tokenizer = load_model(cfg.model, data.captions)
     train_text = any(p.requires_grad for p in text_encoder.parameters())
+    channels_last = cfg.channels_last and dev.type == "cuda"
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type="v_prediction")
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup,
                                  num_training_steps=cfg.steps)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay,
+    unet_fwd = torch.compile(unet) if cfg.compile else unet  # the training forward only; previews stay eager
+    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay, foreach=dev.type == "cuda",
                    model_cls=UNet2DConditionModel, model_config=accelerator.unwrap_model(unet).config)
-    ema.to(accelerator.device)
-    batch_rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)  # checkpointed
+    ema.to(dev)
+    # batches (indices, caption dropout) from a CPU generator; noise and timesteps from one on the device
+    # (a [B, 16, S, S] randn on the CPU costs more than a UNet step on a GPU). Both are checkpointed.
+    batch_rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    noise_rng = (torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * (1 + accelerator.process_index))
+                 if dev.type == "cuda" else batch_rng)
+    gens = [batch_rng] if noise_rng is batch_rng else [batch_rng, noise_rng]
+
+    # the data on the device once, unless it is too large for that (then batches are copied per step)
+    on_dev = dev.type == "cuda" and (cfg.data_on_device == "always" or (
+        cfg.data_on_device == "auto" and data.atlases.numel() * 4 < 0.25 * torch.cuda.get_device_properties(dev).total_memory))
+    atlases = data.atlases.to(dev) if on_dev else data.atlases  # [M, 16, S, S]
+    if on_dev:
+        data = replace(data, ref_rgb=data.ref_rgb.to(dev), ref_alpha=data.ref_alpha.to(dev),
+                       ref_c2w=data.ref_c2w.to(dev), ref_K=data.ref_K.to(dev))
 
     # 2. resume from the newest complete checkpoint
     step = 0
@@ -199,51 +227,75 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
         extra = torch.load(ckpt / "extra.pt", weights_only=False)
         step = int(extra["step"])
         ema.load_state_dict(extra["ema"])
-        rngs = extra.get("batch_rngs") or [extra["batch_rng"]]  # one per rank (older checkpoints: rank 0's)
-        if accelerator.process_index < len(rngs):  # else (more ranks than saved): keep the fresh seed
-            batch_rng.set_state(rngs[accelerator.process_index])
+        states = extra.get("rng_states") or [[r] for r in (extra.get("batch_rngs") or [extra["batch_rng"]])]
+        if accelerator.process_index < len(states):  # else (more ranks than saved): keep the fresh seeds
+            for g, st in zip(gens, states[accelerator.process_index]):
+                g.set_state(st)
 
     def encode(captions: list[str]) -> torch.Tensor:
         ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                        return_tensors="pt").input_ids.to(accelerator.device)
+                        return_tensors="pt").input_ids.to(dev)
         return text_encoder(ids)[0]  # [B, T, D]
+
+    # a frozen text encoder gives the same embedding for a caption every time: compute each once
+    emb_table = cap_index = None
+    if not train_text:
+        uniq = ["", *dict.fromkeys(data.captions)]
+        with torch.no_grad(), accelerator.autocast():
+            emb_table = torch.cat([encode(uniq[i:i + 256]) for i in range(0, len(uniq), 256)])  # [U, T, D]
+        pos = {c: i for i, c in enumerate(uniq)}
+        cap_index = torch.tensor([pos[c] for c in data.captions], device=dev)  # [M]
 
     lpips_fn = None
     if cfg.lambda_lpips > 0:
         from .fit import load_lpips
 
-        lpips_fn, _ = load_lpips(cfg.lpips_weights, accelerator.device)
+        lpips_fn, lpips_note = load_lpips(cfg.lpips_weights, dev)
+        if lpips_fn is None:
+            print(f"train: LPIPS rendering loss {lpips_note}")
 
     M = len(data.atlases)
-    t0, done, last = time.perf_counter(), 0, {}
+    t0, done, last, pending = time.perf_counter(), 0, {}, {}
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     unet.train()
     while step < cfg.steps and (stop_after is None or done < stop_after):
         with accelerator.accumulate(unet):
             # 3. a batch: atlases, captions (20% dropped to "" for CFG), noise, timesteps
             idx = torch.randint(0, M, (cfg.batch_size,), generator=batch_rng)
-            x0 = data.atlases[idx].to(accelerator.device)  # [B, 16, S, S]
+            x0 = atlases[idx.to(atlases.device)].to(dev, non_blocking=True)  # [B, 16, S, S]
             drop = torch.rand(cfg.batch_size, generator=batch_rng) < cfg.text_dropout
-            captions = ["" if d else data.captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
-            noise = torch.randn(x0.shape, generator=batch_rng).to(accelerator.device)
-            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=batch_rng).to(accelerator.device)
+            noise = torch.randn(x0.shape, generator=noise_rng, device=noise_rng.device).to(dev)
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=noise_rng,
+                              device=noise_rng.device).to(dev)
             xt = noise_scheduler.add_noise(x0, noise, t)
+            if channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            if emb_table is not None:
+                ctx = emb_table[torch.where(drop.to(dev), 0, cap_index[idx.to(dev)])]  # [B, T, D]
+            else:
+                ctx = encode(["" if d else data.captions[i] for d, i in zip(drop.tolist(), idx.tolist())])
 
             # 4. v-prediction loss
             with accelerator.autocast():
-                v_pred = unet(xt, t, encoder_hidden_states=encode(captions)).sample
+                v_pred = unet_fwd(xt, t, encoder_hidden_states=ctx).sample
             v_target = noise_scheduler.get_velocity(x0, noise, t)
             loss_v = F.mse_loss(v_pred.float(), v_target.float())
             loss = loss_v
-            logs = {"loss_v": float(loss_v.detach())}
+            terms = {"loss_v": loss_v.detach()}  # tensors: read back only when logged (no sync per step)
 
             # 5. rendering losses (Eq. 4): predicted x0 -> Gaussians -> reference views
-            if cfg.render_every and step % cfg.render_every == 0 and (cfg.lambda_rgb > 0 or cfg.lambda_mask > 0):
-                ac = noise_scheduler.alphas_cumprod.to(accelerator.device)[t].view(-1, 1, 1, 1)
-                x0_pred = ac.sqrt() * xt - (1 - ac).sqrt() * v_pred.float()  # x0 from v
-                l_rgb, l_mask = _render_loss(x0_pred, idx, data, atlas_cfg, batch_rng, cfg.render_resolution)
+            if cfg.render_every and step % cfg.render_every == 0 and (
+                    cfg.lambda_rgb > 0 or cfg.lambda_mask > 0 or lpips_fn is not None):
+                ac = noise_scheduler.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
+                x0_pred = ac.sqrt() * xt.float() - (1 - ac).sqrt() * v_pred.float()  # x0 from v
+                l_rgb, l_mask, rgb, ref = _render_loss(x0_pred, idx, data, atlas_cfg, batch_rng,
+                                                       cfg.render_resolution)
                 loss = loss + cfg.lambda_rgb * l_rgb + cfg.lambda_mask * l_mask
-                logs.update(loss_rgb=float(l_rgb.detach()), loss_mask=float(l_mask.detach()))
+                terms.update(loss_rgb=l_rgb.detach(), loss_mask=l_mask.detach())
+                if lpips_fn is not None:
+                    l_lpips = lpips_fn(rgb, ref)
+                    loss = loss + cfg.lambda_lpips * l_lpips
+                    terms["loss_lpips"] = l_lpips.detach()
 
             # 6. step
             accelerator.backward(loss)
@@ -258,22 +310,28 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
             step += 1
             done += 1
             bar.update(1)
-            logs.update(loss=float(loss.detach()), lr=lr_scheduler.get_last_lr()[0])
-            last = logs
-            if log is not None and accelerator.is_main_process:
-                log(step, logs)
-            # 7. checkpoint: accelerate state + EMA + step + sampler generator
+            pending = {**terms, "loss": loss.detach()}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last = {k: float(v) for k, v in pending.items()}
+                last["lr"] = lr_scheduler.get_last_lr()[0]
+                if log is not None and accelerator.is_main_process:
+                    log(step, last)
+            # 7. checkpoint: accelerate state + EMA + step + generators
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(accelerator, ema, batch_rng, step, out_dir, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, ema, gens, step, out_dir, cfg.keep_checkpoints)
             # 8. previews (main process only; no collective calls inside)
             if (images is not None and cfg.sample_every and accelerator.is_main_process
                     and (step % cfg.sample_every == 0 or step == cfg.steps)):
                 images(step, _preview(cfg, accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, data,
                                       atlas_cfg))
     bar.close()
+    if pending and not last:
+        last = {k: float(v) for k, v in pending.items()}
     seconds = time.perf_counter() - t0
     summary = {"step": step, "seconds": seconds, "samples_per_second": done * cfg.batch_size * cfg.grad_accum *
                accelerator.num_processes / max(seconds, 1e-9), **{f"last_{k}": v for k, v in last.items()}}
+    if dev.type == "cuda":
+        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     if step >= cfg.steps and accelerator.is_main_process:
         _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, out_dir / "model")
     accelerator.wait_for_everyone()
@@ -309,19 +367,20 @@ def _preview(cfg: TrainConfig, accelerator: Any, unet: Any, text_encoder: Any, t
     return sample_sheet(views, prompts)
 
 
-def _save_checkpoint(accelerator: Any, ema: Any, rng: torch.Generator, step: int, out_dir: Path, keep: int) -> None:
+def _save_checkpoint(accelerator: Any, ema: Any, gens: list[torch.Generator], step: int, out_dir: Path,
+                     keep: int) -> None:
     ckpt = out_dir / f"checkpoint-{step}"
     accelerator.save_state(str(ckpt))
     from accelerate.utils import gather_object
 
-    # every rank's batch generator (a collective: also waits until every rank has saved its state)
-    rngs = gather_object([rng.get_state()])
+    # every rank's generators (a collective: also waits until every rank has saved its state)
+    states = gather_object([[g.get_state() for g in gens]])
     if accelerator.is_main_process:
         # extra.pt is written last and atomically: its presence marks a complete checkpoint
         from .io import atomic_path
 
         with atomic_path(ckpt / "extra.pt", suffix=".pt") as tmp:
-            torch.save({"step": step, "ema": ema.state_dict(), "batch_rng": rngs[0], "batch_rngs": rngs}, tmp)
+            torch.save({"step": step, "ema": ema.state_dict(), "rng_states": states}, tmp)
         old = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-max(1, keep)]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
