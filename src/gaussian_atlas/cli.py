@@ -105,6 +105,33 @@ def cmd_atlas(args: argparse.Namespace) -> None:
           f"({out / 'quarantine.csv'}); next: python -m stages.normalize --atlas {out}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import io as gio
+    from .atlas import atlas_figure
+    from .evaluate import slug
+    from .gaussians import write_ply
+    from .sample import SampleConfig, generate, load_atlas_model, turntable, write_gif
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = SampleConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
+                       resolution=args.resolution, batch_size=args.batch_size)
+    model = load_atlas_model(args.model, device=device)
+    atlases, g, seeds = generate(model, args.prompts, cfg, progress=True)
+    frames = turntable(g, cfg)  # [B, F, H, W, 3]
+    out = Path(args.out)
+    used: dict[str, int] = {}
+    for i, prompt in enumerate(args.prompts):
+        name = slug(prompt)
+        used[name] = used.get(name, 0) + 1
+        name = name if used[name] == 1 else f"{name}-{used[name]}"
+        ply = write_ply(out / f"{name}.ply", g._map(lambda t, i=i: t[i]))
+        gif = write_gif(out / f"{name}.gif", frames[i])
+        png = gio.write_png(out / f"{name}_atlas.png", atlas_figure(atlases[i], scale=2))
+        print(f"{prompt!r} (seed {seeds[i]}):\n  {ply}\n  {gif}\n  {png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -166,6 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gs2sphere", action="store_true",
                    help="use a gs2sphere.npy next to each PLY as its sphere assignment (must index our sphere)")
     p.set_defaults(fn=cmd_atlas)
+
+    p = sub.add_parser("generate", help="text -> 3D Gaussians with a trained model: PLY + turntable GIF + atlas picture",
+                       description="Sample Gaussian Atlases for the prompts with DPM-Solver++ and classifier-free "
+                       "guidance, decode them into 3D Gaussians and write, per prompt, OUT/<slug>.ply (INRIA 3DGS "
+                       "layout, SH degree 0, object in the unit ball, +Z up), OUT/<slug>.gif (a turntable) and "
+                       "OUT/<slug>_atlas.png (the atlas channels: offset, albedo, opacity, scale, rotation). "
+                       "Prompt i uses seed SEED + i, so a result is reproduced by its prompt and seed.")
+    p.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a red torus"')
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="models/atlas-unet/model",
+                   help="trained model folder, the train stage's <out>/model (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance (default: %(default)s, "
+                   "the paper's; 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=24, help="turntable frames (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=128, help="turntable image side (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.set_defaults(fn=cmd_generate)
     return ap
 
 

@@ -1,0 +1,948 @@
+"""Evaluation of text -> Gaussian Atlas -> 3D Gaussians (paper Sec. 6) and an offline prompt-fidelity benchmark.
+
+Three families of scores, each computed for the **generated** objects, for the
+**ceiling** (the training atlases whose caption is the prompt, decoded the same way)
+and for the **floor** (random atlases: standard normal noise in the normalised space,
+de-normalised with the model's statistics and decoded the same way):
+
+Procedural prompt fidelity (needs no downloaded weights)
+    For prompts of the built-in generator (:mod:`gaussian_atlas.procedural`): one part
+    ``"a red torus"`` or two stacked parts ``"a red cube on top of a blue cylinder"``.
+
+    *colour*: the **alpha-weighted rendered colour** of a part, ``sum(rgb) / sum(alpha)``
+    over the pixels of the evaluation views rendered on black (so ``rgb`` is premultiplied),
+    is compared with the generator's palette **as the mesh renderer shows it**
+    (:func:`rendered_palette`: each named colour's albedo under the renderer's ambient +
+    directional lights, averaged over the visible surface of a sphere seen from the same
+    views; a red object is rendered darker than its albedo, so comparing with raw albedos
+    would misjudge dark and light colours). Correct when the nearest rendered palette colour
+    (Euclidean, RGB in [0, 1]) is the prompted one; ``colour_distance`` is the distance to the
+    prompted colour.
+
+    *shape*: points are drawn from the Gaussian centres with probability proportional to
+    opacity (Gaussians under ``min_opacity`` dropped), centred on their mean and scaled to
+    unit RMS radius; each candidate primitive's surface samples are normalised the same way.
+    The score against a candidate is the symmetric Chamfer distance (mean nearest-neighbour
+    Euclidean distance, both directions), minimised over ``rotations`` turns about +Z (the
+    generator turns its objects about +Z at random). Correct when the nearest candidate is
+    the prompted shape. Single prompts have the 9 primitives as candidates; compositions
+    have every (top, bottom) stack the generator can make (9 x 3 = 27), built like the
+    generator builds them (top part scaled by ``STACK_TOP_SCALE`` resting on the bottom
+    one), so a composition's shape is correct only when both parts are.
+
+    *colour of a composition*: the Gaussians are split at the height where the prompted
+    stack's parts meet (in the normalised frame), each half is rendered alone, and the
+    composition's colour is correct only when both halves are.
+
+    *both*: colour and shape correct. Chance levels: 1/12 (colour), 1/9 (shape), 1/108 (both)
+    for singles.
+
+CLIP score (weights on disk only)
+    ``100 * max(cos(image, text), 0)`` per view (the torchmetrics ``CLIPScore``
+    convention), averaged over the views of a prompt, then over prompts. The model is
+    whatever CLIP folder ``clip_model`` names (transformers ``CLIPModel`` layout; the
+    usual choice is openai/clip-vit-large-patch14 downloaded beforehand), loaded with
+    ``local_files_only``. No folder -> ``{"status": "skipped", "reason": ...}``.
+
+VQA score (weights on disk only)
+    CLIP-FlanT5 VQAScore through ``t2v_metrics`` (P("Yes") to "Does this figure show
+    '<prompt>'?"), averaged like the CLIP score. ``t2v_metrics`` pins torch 2.5.1 and
+    transformers 4.49, which this environment does not have, so here it is always skipped
+    with the reason; never a number from a random network.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .sample import SampleConfig
+
+__all__ = ["EvaluateConfig", "PromptSpec", "parse_caption", "benchmark_prompts", "read_prompts", "random_views",
+           "rendered_palette", "nearest_colour", "render_premultiplied", "alpha_weighted_colour", "object_colours",
+           "surface_points", "normalise_points", "height_frame", "chamfer", "candidate_clouds", "junction_height",
+           "split_height", "classify_shape", "random_atlases", "score_objects", "summarise",
+           "ClipScorer", "load_clip", "VqaScorer", "load_vqa", "Evaluation", "evaluate", "skipped", "gallery_html", "slug", "CHANCE"]
+
+SOURCES = ("generated", "ceiling", "floor")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``params.yaml: evaluate``.
+
+    prompts : a text file with one prompt per line (``#`` comments), or None for the
+        built-in benchmark prompts (:func:`benchmark_prompts`).
+    n_seen, n_held_out, n_compositions : the built-in prompts: single-part captions seen
+        in training, shape x colour combinations never seen in training (neither alone nor
+        as a part), and two-part compositions (alternately seen and new). Paper: 100 prompts.
+    n_views : random views per prompt (paper: 10).
+    resolution : side of the evaluation views in pixels.
+    elevation_min_deg, elevation_max_deg, radius, fov_deg : the random views (azimuth
+        uniform in [0, 360), elevation uniform in the range; the object is in the unit ball).
+    seed : seed of the prompt choice, the views and the random (floor) atlases.
+    sample : the sampler (:class:`gaussian_atlas.sample.SampleConfig`: steps, guidance,
+        batch size, the generation seed, turntable frames/resolution).
+    min_opacity : Gaussians under this opacity are not shape evidence.
+    shape_points : Gaussian centres drawn per object (by opacity) for the Chamfer distance.
+    rotations : turns about +Z tried per candidate.
+    clip_model : local CLIP folder (transformers layout) or None (-> skipped).
+    vqa_model : local folder with t2v_metrics' CLIP-FlanT5 weights (its ``cache_dir``) or None.
+    vqa_name : the t2v_metrics model name.
+    device : "auto" | "cpu" | "cuda".
+    """
+
+    prompts: str | None = None
+    n_seen: int = 6
+    n_held_out: int = 4
+    n_compositions: int = 2
+    n_views: int = 10
+    resolution: int = 128
+    elevation_min_deg: float = 0.0
+    elevation_max_deg: float = 45.0
+    radius: float = 2.8
+    fov_deg: float = 45.0
+    seed: int = 0
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    min_opacity: float = 0.05
+    shape_points: int = 1024
+    rotations: int = 24
+    clip_model: str | None = None
+    vqa_model: str | None = None
+    vqa_name: str = "clip-flant5-xxl"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample, Mapping):
+            object.__setattr__(self, "sample", SampleConfig(**self.sample))
+        for k in ("n_seen", "n_held_out", "n_compositions"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.n_views < 1 or self.resolution < 8:
+            raise ValueError(f"n_views must be >= 1 and resolution >= 8, got {self.n_views}, {self.resolution}")
+        if not self.elevation_min_deg <= self.elevation_max_deg:
+            raise ValueError("elevation_min_deg must be <= elevation_max_deg")
+        if self.rotations < 1 or self.shape_points < 16:
+            raise ValueError(f"rotations must be >= 1 and shape_points >= 16, got {self.rotations}, "
+                             f"{self.shape_points}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+CHANCE = {"colour": 1.0 / 12, "shape": 1.0 / 9, "both": 1.0 / 108}
+"""Chance accuracy of a single-part prompt (12 colours, 9 shapes)."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One evaluation prompt.
+
+    parts : ``((shape, colour), ...)`` top first as in the caption, or None when the prompt
+        is not a generator caption (then only CLIP/VQA apply).
+    held_out : the caption never occurs among the training captions (for singles: the
+        shape x colour combination never occurs as any part of any training caption).
+    kind : "single", "composition" or "free".
+    """
+
+    prompt: str
+    parts: tuple[tuple[str, str], ...] | None
+    held_out: bool
+    kind: str
+
+
+def _caption_re() -> re.Pattern:
+    from .procedural import COLORS, SHAPE_NOUNS
+
+    colours = "|".join(sorted(map(re.escape, COLORS), key=len, reverse=True))
+    nouns = "|".join(sorted(map(re.escape, SHAPE_NOUNS.values()), key=len, reverse=True))
+    return re.compile(rf"^(?:a|an)\s+({colours})\s+({nouns})$")
+
+
+def parse_caption(text: str) -> tuple[tuple[str, str], ...] | None:
+    """``"a red cube on top of a blue cylinder"`` -> ``(("cube", "red"), ("cylinder", "blue"))``.
+
+    Parts are ``(shape key, colour)``, top first. None when ``text`` is not a caption of
+    the built-in generator (case and surrounding whitespace are ignored).
+    """
+    from .procedural import SHAPE_NOUNS
+
+    noun_to_shape = {v: k for k, v in SHAPE_NOUNS.items()}
+    pat = _caption_re()
+    parts = []
+    for phrase in re.split(r"\s+on\s+top\s+of\s+", " ".join(text.lower().split())):
+        m = pat.match(phrase)
+        if m is None:
+            return None
+        parts.append((noun_to_shape[m.group(2)], m.group(1)))
+    return tuple(parts) if 1 <= len(parts) <= 2 else None
+
+
+def _caption_of(parts: Sequence[tuple[str, str]]) -> str:
+    from .procedural import _caption
+
+    return _caption([{"shape": s, "color": c} for s, c in parts])
+
+
+def _round_robin(items: list, key, rng: np.random.Generator, n: int) -> list:
+    """``n`` items spread over the values of ``key`` (e.g. one shape after another), shuffled by ``rng``."""
+    groups: dict[Any, list] = {}
+    for i in rng.permutation(len(items)):
+        groups.setdefault(key(items[int(i)]), []).append(items[int(i)])
+    order = [groups[k] for k in sorted(groups, key=lambda k: str(k))]
+    order = [order[int(i)] for i in rng.permutation(len(order))]
+    out: list = []
+    while len(out) < n and any(order):
+        for g in order:
+            if g and len(out) < n:
+                out.append(g.pop(0))
+    return out
+
+
+def benchmark_prompts(train_captions: Sequence[str], n_seen: int = 6, n_held_out: int = 4,
+                      n_compositions: int = 2, seed: int = 0) -> list[PromptSpec]:
+    """The built-in evaluation prompts, deterministic in ``(train_captions, counts, seed)``.
+
+    * ``n_seen`` single-part captions that occur in training (spread over shapes);
+    * ``n_held_out`` shape x colour combinations that occur in **no** training caption,
+      neither alone nor as a part of a composition, though the shape and the colour each do
+      (so every word is known to the text encoder): compositional generalisation;
+    * ``n_compositions`` two-part stacks, alternately a training caption and a new one
+      (top: any shape, bottom: a flat-topped one, two colours).
+
+    Fewer prompts come back when the training set does not have enough of a kind (e.g.
+    every combination seen): the caller records the counts.
+    """
+    from .procedural import COLORS, SHAPES, STACK_BOTTOM_SHAPES
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE7A1]))
+    parsed = [p for p in (parse_caption(c) for c in train_captions) if p]
+    train_set = {_caption_of(p) for p in parsed}
+    seen_parts = {part for p in parsed for part in p}
+    seen_shapes = {s for s, _ in seen_parts}
+    seen_colours = {c for _, c in seen_parts}
+    singles = sorted({p for p in parsed if len(p) == 1})
+    out = [PromptSpec(_caption_of(p), p, False, "single")
+           for p in _round_robin(singles, lambda p: p[0][0], rng, n_seen)]
+    novel = [((s, c),) for s in SHAPES for c in COLORS
+             if (s, c) not in seen_parts and s in seen_shapes and c in seen_colours]
+    out += [PromptSpec(_caption_of(p), p, True, "single")
+            for p in _round_robin(novel, lambda p: p[0][0], rng, n_held_out)]
+    comps_seen = sorted({p for p in parsed if len(p) == 2})
+    comps_seen = [comps_seen[int(i)] for i in rng.permutation(len(comps_seen))]
+    colours = sorted(COLORS)
+    comps_new = []
+    while len(comps_new) < n_compositions and seen_shapes:
+        top = SHAPES[int(rng.integers(len(SHAPES)))]
+        bottom = STACK_BOTTOM_SHAPES[int(rng.integers(len(STACK_BOTTOM_SHAPES)))]
+        c1, c2 = (colours[int(j)] for j in rng.choice(len(colours), size=2, replace=False))
+        p = ((top, c1), (bottom, c2))
+        if _caption_of(p) not in train_set and p not in comps_new:
+            comps_new.append(p)
+    for i in range(n_compositions):
+        src = comps_seen if (i % 2 == 0 and comps_seen) else comps_new
+        if not src:
+            src = comps_new or comps_seen
+        if not src:
+            break
+        p = src.pop(0)
+        out.append(PromptSpec(_caption_of(p), p, _caption_of(p) not in train_set, "composition"))
+    return out
+
+
+def read_prompts(path: str | Path, train_captions: Sequence[str] = ()) -> list[PromptSpec]:
+    """Prompts of a text file (one per line; blank lines and ``#`` comments skipped).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file does not exist: {path}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    train = {" ".join(c.lower().split()) for c in train_captions}
+    train_parts = {part for c in train_captions for part in (parse_caption(c) or ())}
+    out = []
+    for p in prompts:
+        parts = parse_caption(p)
+        kind = "free" if parts is None else ("single" if len(parts) == 1 else "composition")
+        if parts is not None and len(parts) == 1:
+            held = parts[0] not in train_parts
+        else:
+            held = " ".join(p.lower().split()) not in train
+        out.append(PromptSpec(p, parts, held, kind))
+    return out
+
+
+# --------------------------------------------------------------------------- views and colour
+
+
+def random_views(n: int, resolution: int, seed: int, elevation_min_deg: float = 0.0, elevation_max_deg: float = 45.0,
+                 radius: float = 2.8, fov_deg: float = 45.0) -> tuple[Tensor, Tensor]:
+    """``(c2w [n, 4, 4], K [n, 3, 3])``: cameras at random azimuths/elevations looking at the origin (+Z up)."""
+    from .cameras import look_at_c2w, spherical_to_cartesian
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x71E5]))
+    az = rng.uniform(0.0, 360.0, n)
+    el = rng.uniform(elevation_min_deg, elevation_max_deg, n)
+    c2w = np.stack([look_at_c2w(spherical_to_cartesian(a, e, radius)) for a, e in zip(az, el)])
+    f = 0.5 * resolution / math.tan(0.5 * math.radians(fov_deg))
+    K = np.array([[f, 0, 0.5 * resolution], [0, f, 0.5 * resolution], [0, 0, 1]])
+    return torch.from_numpy(c2w).float(), torch.from_numpy(np.broadcast_to(K, (n, 3, 3)).copy()).float()
+
+
+def rendered_palette(c2w: Tensor | np.ndarray, ambient: float | None = None,
+                     lights: Sequence[tuple[Sequence[float], float]] | None = None,
+                     n_points: int = 4096) -> dict[str, np.ndarray]:
+    """Each named colour as the procedural renderer shows it: ``{name: rgb [3] in [0, 1]}``.
+
+    The renderer shades ``clip(albedo * (ambient + sum_i I_i max(0, n . l_i)), 0, 1)`` with
+    world-fixed lights (defaults: :class:`gaussian_atlas.meshrender.RenderConfig`'s). This
+    averages that over the visible hemisphere of a unit sphere from each camera of ``c2w``
+    ``[V, 4, 4]`` (weighted by projected area), then over the cameras.
+    """
+    from .atlas import fibonacci_sphere
+    from .meshrender import RenderConfig
+    from .procedural import COLORS
+
+    rc = RenderConfig()
+    ambient = rc.ambient if ambient is None else float(ambient)
+    lights = rc.lights if lights is None else lights
+    n = fibonacci_sphere(n_points)  # [P, 3] normals = points of the unit sphere
+    light = np.full(len(n), ambient)
+    for d, intensity in lights:
+        d = np.asarray(d, np.float64)
+        light += float(intensity) * np.clip(n @ (d / np.linalg.norm(d)), 0.0, None)
+    eyes = np.asarray(c2w, np.float64)[:, :3, 3]  # [V, 3]
+    to_eye = eyes[:, None, :] - n[None]  # [V, P, 3]
+    dist = np.linalg.norm(to_eye, axis=-1)
+    w = np.clip(np.einsum("vpd,pd->vp", to_eye, n) / dist, 0.0, None) / dist ** 2  # visible, foreshortened
+    w = w / w.sum(1, keepdims=True)  # each view counts once
+    out = {}
+    for name, rgb in COLORS.items():
+        shaded = np.clip(np.asarray(rgb, np.float64)[None] / 255.0 * light[:, None], 0.0, 1.0)  # [P, 3]
+        out[name] = (w @ shaded).mean(0)
+    return out
+
+
+def nearest_colour(rgb: np.ndarray, palette: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, float]]:
+    """``(name of the nearest palette colour, {name: distance})``; None for a non-finite ``rgb``."""
+    rgb = np.asarray(rgb, np.float64)
+    if not np.isfinite(rgb).all():
+        return None, {k: float("nan") for k in palette}
+    d = {k: float(np.linalg.norm(rgb - np.asarray(v))) for k, v in palette.items()}
+    return min(d, key=d.get), d
+
+
+@torch.no_grad()
+def render_premultiplied(g: Any, c2w: Tensor, K: Tensor, resolution: int) -> tuple[Tensor, Tensor]:
+    """``(rgb [B, V, H, W, 3], alpha [B, V, H, W, 1])`` of Gaussians ``[B, N]`` on black (premultiplied colour).
+
+    Cameras ``c2w [B, V, 4, 4]``, ``K [B, V, 3, 3]`` (or ``[V, ...]`` shared); one object at a
+    time. The picture on white is ``rgb + (1 - alpha)``.
+    """
+    from .render import render
+
+    B = g.means.shape[0]
+    rgbs, alphas = [], []
+    for b in range(B):
+        gb = g._map(lambda t: t[b])
+        cb, kb = (c2w[b], K[b]) if c2w.dim() == 4 else (c2w, K)
+        out = render(gb, cb.to(gb.means), kb.to(gb.means), resolution, resolution, background=None)
+        rgbs.append(out.rgb.float().cpu())
+        alphas.append(out.alpha.float().cpu())
+    return torch.stack(rgbs), torch.stack(alphas)
+
+
+def on_white_u8(rgb: Tensor, alpha: Tensor) -> np.ndarray:
+    """uint8 pictures on white of premultiplied ``rgb [..., 3]`` and ``alpha [..., 1]``."""
+    return ((rgb + (1.0 - alpha)).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def alpha_weighted_colour(rgb: Tensor, alpha: Tensor, min_alpha: float = 1e-3) -> np.ndarray:
+    """``[B, 3]``: ``sum(rgb) / sum(alpha)`` over the views and pixels of premultiplied renders ``[B, V, H, W, .]``.
+
+    NaN when nothing is visible (``sum(alpha) < min_alpha``).
+    """
+    s = rgb.double().sum(dim=(1, 2, 3))  # [B, 3]
+    a = alpha.double().sum(dim=(1, 2, 3))  # [B, 1]
+    return torch.where(a > min_alpha, s / a.clamp_min(1e-12), torch.full_like(s, float("nan"))).numpy()
+
+
+def object_colours(g: Any, c2w: Tensor, K: Tensor, resolution: int) -> np.ndarray:
+    """``[B, 3]`` alpha-weighted rendered colour of Gaussians ``[B, N]`` (see :func:`alpha_weighted_colour`)."""
+    return alpha_weighted_colour(*render_premultiplied(g, c2w, K, resolution))
+
+
+# --------------------------------------------------------------------------- shape
+
+
+def surface_points(g: Any, n: int = 1024, min_opacity: float = 0.05, seed: int = 0) -> Tensor | None:
+    """``[n, 3]`` Gaussian centres drawn with probability ∝ opacity (one object ``[N]``), or None.
+
+    Gaussians with opacity under ``min_opacity`` are never drawn; None when fewer than 8 remain.
+    """
+    op = g.opacities().detach().double().cpu()
+    keep = op >= min_opacity
+    if int(keep.sum()) < 8:
+        return None
+    w = torch.where(keep, op, torch.zeros_like(op))
+    idx = torch.multinomial(w, n, replacement=True, generator=torch.Generator().manual_seed(int(seed)))
+    return g.means.detach().double().cpu()[idx]
+
+
+def normalise_points(p: Tensor, align: bool = True) -> Tensor:
+    """Points ``[M, 3]`` in a frame free of the generator's random turn-and-stretch.
+
+    Centred on their mean; with ``align``, turned about +Z so that the principal axes of
+    the XY spread lie on X and Y; each axis then scaled to unit RMS. The generator stretches
+    each primitive by 0.8-1.2 per axis before turning it about +Z, so this undoes both up to
+    a turn that :func:`chamfer` searches (when the XY spread is nearly isotropic the
+    principal axes are arbitrary). Candidates (canonical, axis-aligned) use ``align=False``.
+    """
+    p = p.double() - p.double().mean(0)
+    if align:
+        cov = p[:, :2].T @ p[:, :2] / len(p)  # [2, 2]
+        _, vec = torch.linalg.eigh(cov)
+        R = torch.eye(3, dtype=p.dtype)
+        R[:2, :2] = vec
+        p = p @ R
+    return p / p.pow(2).mean(0).sqrt().clamp_min(1e-12)
+
+
+def height_frame(p: Tensor) -> tuple[float, float]:
+    """``(mean z, RMS radius)`` of points ``[M, 3]``: heights are compared as ``(z - mean z) / radius``."""
+    p = p.double()
+    return float(p[:, 2].mean()), float((p - p.mean(0)).pow(2).sum(-1).mean().sqrt().clamp_min(1e-12))
+
+
+def _rot_z(k: int, angles: int) -> Tensor:
+    t = 2.0 * math.pi * k / angles
+    c, s = math.cos(t), math.sin(t)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def _chamfer_rotated(a: Tensor, b: Tensor, R: Tensor) -> Tensor:
+    """``[len(R)]`` symmetric Chamfer distances between ``a [M, 3]`` and ``b [K, 3]`` turned by each ``R [r, 3, 3]``."""
+    br = torch.einsum("rij,kj->rki", R, b)  # [r, K, 3]
+    d = torch.cdist(a[None].expand(len(R), -1, -1), br)  # [r, M, K]
+    return d.min(2).values.mean(1) + d.min(1).values.mean(1)
+
+
+def chamfer(a: Tensor, b: Tensor, rotations: int = 1, coarse: int = 128, keep: int = 3) -> float:
+    """Symmetric Chamfer distance between point sets ``a [M, 3]`` and ``b [K, 3]``, minimised over turns of ``b`` about +Z.
+
+    ``mean_a min_b |a - b| + mean_b min_a |a - b|`` (Euclidean, not squared), for ``b``
+    turned by ``360 k / rotations`` degrees, k = 0 .. rotations - 1; the minimum. Coarse to
+    fine: every turn is first scored on ``coarse`` points of each set, then the ``keep``
+    best turns on all points (the result is the exact distance at the turn chosen).
+    """
+    a, b = a.float(), b.float()
+    R = torch.stack([_rot_z(k, rotations) for k in range(rotations)]).float()  # [R, 3, 3]
+    if rotations > keep and max(len(a), len(b)) > coarse:
+        sub = lambda x: x[torch.linspace(0, len(x) - 1, min(coarse, len(x))).long()]  # noqa: E731
+        best = torch.topk(_chamfer_rotated(sub(a), sub(b), R), keep, largest=False).indices
+        R = R[best]
+    return float(_chamfer_rotated(a, b, R).min())
+
+
+def _canonical(parts: Sequence[str]) -> tuple[Any, float | None]:
+    """The generator's stack of ``parts`` (top first) without random variation, and the height where parts meet."""
+    import trimesh
+
+    from .procedural import STACK_TOP_SCALE, make_primitive
+
+    meshes, top_z, center_xy, junction = [], None, None, None
+    for level, shape in enumerate(reversed(list(parts))):  # bottom first, as build_object
+        m = make_primitive(shape)
+        if level > 0:
+            m.apply_scale(STACK_TOP_SCALE)
+        lo, hi = m.bounds
+        if top_z is None:
+            m.apply_translation([-(lo[0] + hi[0]) / 2, -(lo[1] + hi[1]) / 2, -lo[2]])
+        else:
+            junction = float(top_z)
+            m.apply_translation([center_xy[0] - (lo[0] + hi[0]) / 2, center_xy[1] - (lo[1] + hi[1]) / 2,
+                                 top_z - lo[2]])
+        lo, hi = m.bounds
+        top_z, center_xy = hi[2], (lo[:2] + hi[:2]) / 2
+        meshes.append(m)
+    return (meshes[0] if len(meshes) == 1 else trimesh.util.concatenate(meshes)), junction
+
+
+_CACHE: dict[Any, Any] = {}
+
+
+def candidate_clouds(n: int = 512, seed: int = 0, open_bottom: bool = False) -> dict[str, Tensor]:
+    """``{shape: [n, 3]}``: surface samples of each of the generator's primitives, :func:`normalise_points`-ed.
+
+    ``open_bottom``: without the flat faces that look straight down (normal z < -0.95): the
+    top part of a stack rests on that face, so neither a render nor a fit sees it. Cached.
+    """
+    import trimesh
+
+    from .procedural import SHAPES
+
+    key = ("cands", n, seed, open_bottom)
+    if key not in _CACHE:
+        out = {}
+        for shape in SHAPES:
+            mesh, _ = _canonical((shape,))
+            if open_bottom:
+                mesh = mesh.submesh([np.flatnonzero(mesh.face_normals[:, 2] >= -0.95)], append=True)
+            pts, _ = trimesh.sample.sample_surface(mesh, n, seed=seed)
+            out[shape] = normalise_points(torch.from_numpy(np.asarray(pts, np.float64)), align=False)
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def junction_height(parts: Sequence[str]) -> float:
+    """Where the two parts of the stack ``parts`` (top first) meet, as ``(z - mean z) / RMS radius``
+    of its surface (see :func:`height_frame`). Cached."""
+    import trimesh
+
+    key = ("junction", tuple(parts))
+    if key not in _CACHE:
+        mesh, junction = _canonical(parts)
+        if junction is None:
+            raise ValueError(f"{parts}: a junction needs two parts")
+        pts, _ = trimesh.sample.sample_surface(mesh, 8192, seed=0)
+        mz, r = height_frame(torch.from_numpy(np.asarray(pts, np.float64)))
+        _CACHE[key] = (junction - mz) / r
+    return _CACHE[key]
+
+
+def split_height(z: Tensor, expected: float, window: float = 0.35, bins: int = 14) -> float:
+    """The height at which to cut a stack into its parts, from normalised point heights ``z [M]``.
+
+    The bottom part of every generator stack has a flat top face, which makes the densest
+    height bin near the junction; the cut is at the upper edge of the densest of ``bins``
+    bins in ``expected ± window`` (``expected``: :func:`junction_height` of the prompted stack).
+    """
+    lo, hi = expected - window, expected + window
+    h = torch.histc(z.float(), bins, lo, hi)
+    if float(h.sum()) == 0:
+        return expected
+    return lo + (int(h.argmax()) + 1) * (hi - lo) / bins
+
+
+def classify_shape(points: Tensor | None, rotations: int = 24, n: int = 512, seed: int = 0,
+                   open_bottom: bool = False) -> tuple[str | None, dict[str, float]]:
+    """``(nearest primitive, {shape: Chamfer distance})`` of raw points ``[M, 3]`` (None/too few -> no prediction).
+
+    ``open_bottom``: compare with :func:`candidate_clouds` without their bottom faces (the top part of a stack).
+    """
+    cands = candidate_clouds(n, seed, open_bottom)
+    if points is None or len(points) < 16:
+        return None, {k: float("nan") for k in cands}
+    p = normalise_points(points)
+    d = {k: chamfer(p, c, rotations) for k, c in cands.items()}
+    return min(d, key=d.get), d
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def random_atlases(n: int, mean: Tensor, std: Tensor, seed: int = 0) -> Tensor:
+    """``[n, C, S, S]`` floor atlases: standard normal noise in the normalised space, de-normalised."""
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn((n,) + tuple(mean.shape), generator=gen)
+    return z * std.cpu() + mean.cpu()
+
+
+def _mask_opacity(g: Any, keep: Tensor) -> Any:
+    """A copy of ``g`` [N] whose Gaussians outside ``keep`` [N] are fully transparent."""
+    from .gaussians import Gaussians
+
+    logits = torch.where(keep, g.opacity_logits, torch.full_like(g.opacity_logits, -30.0))
+    return Gaussians(means=g.means, quats=g.quats, log_scales=g.log_scales, opacity_logits=logits, sh0=g.sh0)
+
+
+@torch.no_grad()
+def score_objects(g: Any, specs: Sequence[PromptSpec], c2w: Tensor, K: Tensor, resolution: int,
+                  palette: Mapping[str, np.ndarray], cfg: EvaluateConfig = EvaluateConfig(), seed: int = 0,
+                  colours: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Procedural colour/shape scores of objects ``g [B, N]`` (unit-ball frame) for ``specs [B]``.
+
+    ``c2w [B, V, 4, 4]``, ``K [B, V, 3, 3]``: the evaluation views of each object. A
+    two-part prompt's object is cut at the height where its parts meet
+    (:func:`split_height` near the prompted stack's :func:`junction_height`); each part is
+    classified and coloured on its own. Returns one dict per object (empty for free-text
+    prompts): ``colour_pred`` / ``shape_pred`` ("red", or "red/blue" top first),
+    ``colour_correct`` / ``shape_correct`` (every part), ``both_correct``,
+    ``colour_distance`` (mean over parts, to the prompted rendered palette colour),
+    ``chamfer`` (mean over parts, to the prompted primitive), ``chamfer_best`` (to the
+    nearest). ``colours [B, 3]``: the whole objects' alpha-weighted colours when already
+    rendered (used for single-part prompts).
+    """
+    rows: list[dict[str, Any]] = []
+    for b, spec in enumerate(specs):
+        if spec.parts is None:
+            rows.append({})
+            continue
+        gb = g._map(lambda t: t[b])
+        n_parts = len(spec.parts)
+        shapes = tuple(s for s, _ in spec.parts)
+        pts = surface_points(gb, cfg.shape_points, cfg.min_opacity, seed=seed + b)
+        if n_parts == 1:
+            part_pts = [pts]
+            subsets = None
+        elif pts is None:
+            part_pts, subsets = [None, None], [gb, gb]
+        else:
+            mz, r = height_frame(pts)
+            cut = split_height((pts[:, 2] - mz) / r, junction_height(shapes))
+            top_pts = (pts[:, 2] - mz) / r > cut
+            part_pts = [pts[top_pts], pts[~top_pts]]
+            top = ((gb.means[:, 2].double().cpu() - mz) / r > cut).to(gb.means.device)
+            subsets = [_mask_opacity(gb, top), _mask_opacity(gb, ~top)]
+        if subsets is None and colours is not None:
+            cols = colours[b:b + 1]
+        else:
+            gs = type(gb).stack(subsets or [gb])
+            cols = object_colours(gs, c2w[b].expand(len(gs.means), -1, -1, -1),
+                                  K[b].expand(len(gs.means), -1, -1, -1), resolution)
+        shape_pred, shape_ok, cd, cd_best, col_pred, col_ok, col_d = [], [], [], [], [], [], []
+        for k, ((shape, colour), pp, col) in enumerate(zip(spec.parts, part_pts, cols)):
+            name, d = classify_shape(pp, cfg.rotations, seed=seed, open_bottom=n_parts == 2 and k == 0)
+            shape_pred.append(name)
+            shape_ok.append(name == shape)
+            cd.append(d[shape])
+            cd_best.append(min(d.values()))
+            cname, dist = nearest_colour(col, palette)
+            col_pred.append(cname)
+            col_ok.append(cname == colour)
+            col_d.append(dist[colour])
+        rows.append({
+            "colour_pred": "/".join(str(p) for p in col_pred), "colour_correct": all(col_ok),
+            "colour_distance": float(np.mean(col_d)),
+            "shape_pred": "/".join(str(p) for p in shape_pred), "shape_correct": all(shape_ok),
+            "chamfer": float(np.mean(cd)), "chamfer_best": float(np.mean(cd_best)),
+            "both_correct": all(col_ok) and all(shape_ok),
+        })
+    return rows
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    xs = [float(x) for x in xs if x is not None and np.isfinite(float(x))]
+    return round(float(np.mean(xs)), 6) if xs else None
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], specs: Sequence[PromptSpec]) -> dict[str, Any]:
+    """Accuracies and mean distances over the scored rows (all, seen, held-out, compositions)."""
+    def block(idx: list[int]) -> dict[str, Any]:
+        r = [rows[i] for i in idx if rows[i]]
+        return {"n": len(r), "colour_accuracy": _mean([x["colour_correct"] for x in r]),
+                "shape_accuracy": _mean([x["shape_correct"] for x in r]),
+                "both_accuracy": _mean([x["both_correct"] for x in r]),
+                "colour_distance": _mean([x["colour_distance"] for x in r]),
+                "chamfer": _mean([x["chamfer"] for x in r])}
+
+    all_idx = [i for i, s in enumerate(specs) if s.parts is not None]
+    out = block(all_idx)
+    out["seen"] = block([i for i in all_idx if not specs[i].held_out])
+    out["held_out"] = block([i for i in all_idx if specs[i].held_out])
+    out["compositions"] = block([i for i in all_idx if specs[i].kind == "composition"])
+    return out
+
+
+# --------------------------------------------------------------------------- CLIP / VQA
+
+
+def skipped(reason: str) -> dict[str, str]:
+    return {"status": "skipped", "reason": reason}
+
+
+def _weights_problem(path: str | None, key: str) -> str | None:
+    if not path:
+        return f"no weights configured (evaluate.{key} is null)"
+    if not Path(path).is_dir():
+        return f"no weights at {path}"
+    return None
+
+
+@dataclass
+class ClipScorer:
+    """A CLIP model with its tokenizer and image processor, loaded from a local folder (:func:`load_clip`)."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any
+    path: str
+    device: torch.device
+
+    @torch.no_grad()
+    def __call__(self, views: np.ndarray, prompts: Sequence[str], batch: int = 32) -> np.ndarray:
+        """``[B]`` CLIP scores of uint8 views ``[B, V, H, W, 3]`` against ``prompts [B]``.
+
+        ``100 * max(cos(image, text), 0)`` per view (torchmetrics ``CLIPScore``), mean over the views.
+        """
+        views = np.asarray(views)
+        B, V = views.shape[:2]
+        if B != len(prompts):
+            raise ValueError(f"{B} objects but {len(prompts)} prompts")
+        if B == 0:
+            return np.zeros(0)
+        cfg = self.model.config.text_config
+        max_len = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), cfg.max_position_embeddings)
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_len,
+                             return_tensors="pt")
+        kw = {"input_ids": enc["input_ids"].to(self.device)}
+        if enc.get("attention_mask") is not None:
+            kw["attention_mask"] = enc["attention_mask"].to(self.device)
+        t = self.model.get_text_features(**kw)
+        t = torch.nn.functional.normalize(getattr(t, "pooler_output", t).float(), dim=-1)  # [B, D]
+        flat = views.reshape(B * V, *views.shape[2:])
+        feats = []
+        for i in range(0, len(flat), batch):
+            px = self.processor(images=list(flat[i:i + batch]), return_tensors="pt")["pixel_values"]
+            f = self.model.get_image_features(pixel_values=px.to(self.device))
+            feats.append(torch.nn.functional.normalize(getattr(f, "pooler_output", f).float(), dim=-1))
+        img = torch.cat(feats).reshape(B, V, -1)  # [B, V, D]
+        return (100.0 * (img * t[:, None]).sum(-1).clamp_min(0.0)).mean(1).cpu().numpy()
+
+
+def load_clip(path: str | None, device: str | torch.device = "cpu") -> ClipScorer | dict[str, str]:
+    """A :class:`ClipScorer` from the local folder ``path`` (``CLIPModel`` + tokenizer + image processor,
+    ``local_files_only``), or :func:`skipped` with the reason when ``path`` is None or not a folder.
+
+    Raises ``ValueError`` naming the folder when it exists but does not load.
+    """
+    problem = _weights_problem(path, "clip_model")
+    if problem:
+        return skipped(problem)
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load CLIP from {path} (CLIPModel weights, a tokenizer and an image processor "
+                         f"expected): {exc}") from None
+    return ClipScorer(model=model, tokenizer=tok, processor=proc, path=str(path), device=torch.device(device))
+
+
+@dataclass
+class VqaScorer:
+    """VQAScore through ``t2v_metrics`` (:func:`load_vqa`)."""
+
+    scorer: Any
+    name: str
+    path: str
+
+    def __call__(self, views: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """``[B]`` mean VQAScore (P("Yes"), in [0, 1]) over the views ``[B, V, H, W, 3]`` of each prompt."""
+        import tempfile
+
+        from PIL import Image
+
+        out = []
+        with tempfile.TemporaryDirectory(prefix="gatlas-vqa-") as tmp:
+            for b, (v, p) in enumerate(zip(np.asarray(views), prompts)):
+                paths = []
+                for k, im in enumerate(v):
+                    paths.append(str(Path(tmp) / f"{b:04d}-{k:02d}.png"))
+                    Image.fromarray(im).save(paths[-1])
+                out.append(float(self.scorer(images=paths, texts=[p]).float().mean()))
+        return np.asarray(out)
+
+
+def load_vqa(path: str | None, name: str = "clip-flant5-xxl", device: str | torch.device = "cpu") -> VqaScorer | dict[str, str]:
+    """A :class:`VqaScorer` (``t2v_metrics.VQAScore(name, cache_dir=path)``), or :func:`skipped` with the reason.
+
+    Skipped when ``path`` is None / not a folder, or when ``t2v_metrics`` does not import:
+    it pins torch 2.5.1 and transformers 4.49, which this project's environment does not
+    have, so it is not a dependency and this path is not exercised by the tests.
+    """
+    problem = _weights_problem(path, "vqa_model")
+    if problem:
+        return skipped(f"VQA score needs t2v_metrics + {name} weights: {problem}")
+    try:
+        import t2v_metrics  # type: ignore[import-not-found]
+    except Exception as exc:  # ImportError, or its import-time ffmpeg check
+        return skipped(f"t2v_metrics is not usable here ({type(exc).__name__}: {exc}); it pins torch==2.5.1 and "
+                       f"transformers==4.49.0, so it needs an environment of its own")
+    return VqaScorer(scorer=t2v_metrics.VQAScore(model=name, device=str(device), cache_dir=str(path)), name=name,
+                     path=str(path))
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` returns (the stage writes it out)."""
+
+    specs: list[PromptSpec]
+    seeds: list[int]  # generation seed of each prompt
+    atlases: Tensor  # [B, 16, S, S] generated, de-normalised (CPU)
+    gaussians: Any  # Gaussians [B, N] generated, unit-ball frame (CPU)
+    objects: dict[str, list[int]]  # source -> the prompt indices it has an object for
+    views: dict[str, np.ndarray]  # source -> uint8 [B_source, V, H, W, 3] on white
+    rows: list[dict[str, Any]]  # one per (prompt, source)
+    metrics: dict[str, Any]  # metrics/evaluate.json
+
+
+def _view_seed(seed: int, i: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = EvaluateConfig(),
+             ceiling: Mapping[int, Tensor] | None = None, progress: bool = False) -> Evaluation:
+    """Generate an object per prompt and score it, the ceiling and the floor (see the module docstring).
+
+    model : an :class:`~gaussian_atlas.sample.AtlasModel`.
+    specs : the prompts (:func:`benchmark_prompts` or :func:`read_prompts`).
+    ceiling : ``{prompt index: de-normalised atlas [16, S, S]}`` of training objects whose
+        caption is the prompt (decoded with the model's atlas grid, like generated atlases).
+
+    Every source is scored on the same random views per prompt (``cfg.n_views`` views,
+    seeded by ``(cfg.seed, prompt index)``).
+    """
+    import time
+
+    from .atlas import atlas_to_gaussians
+    from .sample import generate
+
+    if not specs:
+        raise ValueError("no prompts to evaluate")
+    t0 = time.perf_counter()
+    dev = cfg.torch_device()
+    prompts = [s.prompt for s in specs]
+    B = len(specs)
+    atl, g_gen, seeds = generate(model, prompts, cfg.sample, progress=progress)
+    t_sample = time.perf_counter() - t0
+    decode = lambda a: atlas_to_gaussians(a.float(), None, model.atlas_cfg, grid=model.grid)  # noqa: E731
+    sources: dict[str, tuple[list[int], Any]] = {"generated": (list(range(B)), g_gen)}
+    ceiling = dict(ceiling or {})
+    if ceiling:
+        idx = sorted(ceiling)
+        sources["ceiling"] = (idx, decode(torch.stack([torch.as_tensor(ceiling[i]) for i in idx]).to(dev)))
+    sources["floor"] = (list(range(B)), decode(random_atlases(B, model.mean, model.std, cfg.seed).to(dev)))
+
+    cams = [random_views(cfg.n_views, cfg.resolution, _view_seed(cfg.seed, i), cfg.elevation_min_deg,
+                         cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for i in range(B)]
+    c2w = torch.stack([c for c, _ in cams])  # [B, V, 4, 4]
+    K = torch.stack([k for _, k in cams])  # [B, V, 3, 3]
+    palette = rendered_palette(c2w.reshape(-1, 4, 4))
+    clip = load_clip(cfg.clip_model, dev)
+    vqa = load_vqa(cfg.vqa_model, cfg.vqa_name, dev)
+
+    rows: list[dict[str, Any]] = []
+    views: dict[str, np.ndarray] = {}
+    objects: dict[str, list[int]] = {}
+    clip_means: dict[str, float | None] = {}
+    vqa_means: dict[str, float | None] = {}
+    summaries: dict[str, Any] = {}
+    for source, (idx, g) in sources.items():
+        rgb, alpha = render_premultiplied(g, c2w[idx], K[idx], cfg.resolution)
+        views[source] = on_white_u8(rgb, alpha)
+        objects[source] = list(idx)
+        sub = [specs[i] for i in idx]
+        scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, palette, cfg, seed=cfg.seed,
+                               colours=alpha_weighted_colour(rgb, alpha))
+        cs = clip(views[source], [s.prompt for s in sub]) if isinstance(clip, ClipScorer) else None
+        vs = vqa(views[source], [s.prompt for s in sub]) if isinstance(vqa, VqaScorer) else None
+        clip_means[source] = None if cs is None else round(float(np.mean(cs)), 4)
+        vqa_means[source] = None if vs is None else round(float(np.mean(vs)), 4)
+        summaries[source] = summarise(scores, sub)
+        for j, (i, sc) in enumerate(zip(idx, scores)):
+            s = specs[i]
+            rows.append({
+                "index": i, "prompt": s.prompt, "kind": s.kind, "held_out": s.held_out,
+                "parts": ";".join(f"{c} {sh}" for sh, c in s.parts) if s.parts else "",
+                "seed": seeds[i] if source == "generated" else None, "source": source,
+                "colour_pred": sc.get("colour_pred"), "colour_correct": sc.get("colour_correct"),
+                "colour_distance": sc.get("colour_distance"), "shape_pred": sc.get("shape_pred"),
+                "shape_correct": sc.get("shape_correct"), "chamfer": sc.get("chamfer"),
+                "chamfer_best": sc.get("chamfer_best"), "both_correct": sc.get("both_correct"),
+                "clip_score": None if cs is None else round(float(cs[j]), 4),
+                "vqa_score": None if vs is None else round(float(vs[j]), 4),
+            })
+    kinds = [s.kind for s in specs]
+    metrics: dict[str, Any] = {
+        "n_prompts": B,
+        "n_single_seen": sum(1 for s in specs if s.kind == "single" and not s.held_out),
+        "n_single_held_out": sum(1 for s in specs if s.kind == "single" and s.held_out),
+        "n_compositions": kinds.count("composition"), "n_free": kinds.count("free"),
+        "n_ceiling": len(ceiling), "n_views": cfg.n_views, "resolution": cfg.resolution,
+        "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
+        **{src: summaries[src] for src in SOURCES if src in summaries},
+        "chance": {k: round(v, 6) for k, v in CHANCE.items()},
+        "clip_score": (clip if isinstance(clip, dict) else
+                       {"status": "ok", "model": clip.path, "convention": "100 * max(cos, 0), mean over views "
+                        "then prompts (torchmetrics CLIPScore)", **{k: v for k, v in clip_means.items()}}),
+        "vqa_score": (vqa if isinstance(vqa, dict) else
+                      {"status": "ok", "model": vqa.name, "weights": vqa.path, **{k: v for k, v in vqa_means.items()}}),
+        "seconds": {"sample": round(t_sample, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    g_cpu = g_gen.to("cpu")
+    return Evaluation(specs=list(specs), seeds=list(seeds), atlases=atl.detach().cpu(), gaussians=g_cpu,
+                      objects=objects, views=views, rows=rows, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+def slug(text: str, max_len: int = 60) -> str:
+    """File-name-safe form of a prompt: ``"a red torus" -> "a-red-torus"``."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return s or "prompt"
+
+
+def gallery_html(items: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None = None,
+                 title: str = "Gaussian Atlas evaluation") -> str:
+    """A self-contained HTML page: per prompt its turntable, atlas picture and scores.
+
+    ``items``: ``{"prompt", "turntable" (relative path), "atlas" (relative path or None),
+    "scores" ({label: value})}``; ``summary``: shown as a table of key/values on top.
+    """
+    e = html.escape
+    head = ("<!doctype html><html><head><meta charset='utf-8'><title>" + e(title) + "</title><style>"
+            "body{font-family:sans-serif;margin:1em} .g{display:flex;flex-wrap:wrap;gap:12px}"
+            ".c{border:1px solid #ccc;padding:8px;width:300px} .c img{max-width:100%;image-rendering:pixelated}"
+            "table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ddd;padding:2px 6px}"
+            ".ok{color:#080}.bad{color:#b00}</style></head><body><h1>" + e(title) + "</h1>")
+    parts = [head]
+    if summary:
+        parts.append("<table>" + "".join(f"<tr><th>{e(str(k))}</th><td>{e(_fmt(v))}</td></tr>"
+                                         for k, v in summary.items()) + "</table>")
+    parts.append("<div class='g'>")
+    for it in items:
+        cells = "".join(f"<tr><th>{e(str(k))}</th><td class='{_cls(v)}'>{e(_fmt(v))}</td></tr>"
+                        for k, v in (it.get("scores") or {}).items())
+        atlas = f"<img src='{e(str(it['atlas']))}' alt='atlas channels'>" if it.get("atlas") else ""
+        parts.append(f"<div class='c'><b>{e(str(it['prompt']))}</b><br><img src='{e(str(it['turntable']))}' "
+                     f"alt='turntable'>{atlas}<table>{cells}</table></div>")
+    parts.append("</div></body></html>\n")
+    return "".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "n/a" if not math.isfinite(v) else f"{v:.3f}"
+    return "n/a" if v is None else str(v)
+
+
+def _cls(v: Any) -> str:
+    return ("ok" if v else "bad") if isinstance(v, bool) else ""

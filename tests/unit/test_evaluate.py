@@ -1,0 +1,246 @@
+"""The evaluation metrics: prompt parsing, colour and shape scoring, floor near chance, CLIP from a local folder, skips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gaussian_atlas.evaluate import (CHANCE, EvaluateConfig, PromptSpec, benchmark_prompts, classify_shape,
+                                     evaluate, gallery_html, load_clip, load_vqa, parse_caption, random_atlases,
+                                     random_views, read_prompts, rendered_palette, score_objects, skipped, slug,
+                                     summarise, surface_points)
+from gaussian_atlas.gaussians import Gaussians
+from gaussian_atlas.procedural import COLORS, SHAPES, ProceduralConfig, build_object, object_specs
+from gaussian_atlas.sample import SampleConfig
+
+RES, V = 32, 3
+
+
+def _views(B: int, seed: int = 0):
+    cams = [random_views(V, RES, seed + i) for i in range(B)]
+    return torch.stack([c for c, _ in cams]), torch.stack([k for _, k in cams])
+
+
+def _object(parts, seed=0) -> Gaussians:
+    """A generator object (random stretch and turn) as Gaussians on its surface, each part lit in its colour."""
+    import trimesh
+
+    spec = {"seed": seed, "parts": [{"shape": s, "rgb": list(COLORS[c])} for s, c in parts]}
+    mesh = build_object(spec)
+    n = 1500
+    pts, face = trimesh.sample.sample_surface(mesh, n, seed=seed)
+    albedo = mesh.visual.face_colors[face, :3] / 255.0
+    from gaussian_atlas.meshrender import RenderConfig
+
+    rc = RenderConfig()
+    light = np.full(n, rc.ambient)
+    for d, i in rc.lights:
+        light += i * np.clip(mesh.face_normals[face] @ (np.asarray(d) / np.linalg.norm(d)), 0, None)
+    pts = pts - 0.5 * (pts.min(0) + pts.max(0))
+    pts = pts / np.linalg.norm(pts, axis=1).max()
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return Gaussians.from_activated(means=t(pts), quats=t([[1.0, 0, 0, 0]] * n), scales=torch.full((n, 3), 0.03),
+                                    opacities=torch.full((n,), 0.95), rgb=t(np.clip(albedo * light[:, None], 0, 1)))
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_parse_caption_inverts_every_generator_caption():
+    for s in object_specs(ProceduralConfig(n_objects=60, composition_fraction=0.3)):
+        assert parse_caption(s["caption"]) == tuple((p["shape"], p["color"]) for p in s["parts"])
+    assert parse_caption("  An ORANGE triangular   prism ") == (("prism", "orange"),)
+    for free in ("a dog", "a red dog", "a red cube next to a blue cone", "red cube", ""):
+        assert parse_caption(free) is None
+
+
+def test_benchmark_prompts_hold_out_unseen_combinations():
+    captions = [s["caption"] for s in object_specs(ProceduralConfig(n_objects=48))]
+    specs = benchmark_prompts(captions, n_seen=6, n_held_out=5, n_compositions=3, seed=1)
+    assert specs == benchmark_prompts(captions, n_seen=6, n_held_out=5, n_compositions=3, seed=1)  # deterministic
+    seen_parts = {p for c in captions for p in parse_caption(c)}
+    kinds = [(s.kind, s.held_out) for s in specs]
+    assert kinds.count(("single", False)) == 6 and kinds.count(("single", True)) == 5
+    assert sum(1 for s in specs if s.kind == "composition") == 3
+    for s in specs:
+        assert parse_caption(s.prompt) == s.parts
+        if s.kind == "single" and s.held_out:
+            assert s.parts[0] not in seen_parts  # never seen, alone or as a part
+        if not s.held_out:
+            assert s.prompt in captions
+    seen_singles = [s.parts[0][0] for s in specs if s.kind == "single" and not s.held_out]
+    assert len(set(seen_singles)) == 6  # spread over shapes
+    # when every combination was seen there is nothing to hold out: fewer prompts, no made-up ones
+    everything = [f"a {c} {s}" for s in ("cube", "cone") for c in COLORS]
+    assert not [s for s in benchmark_prompts(everything, 0, 4, 0) if s.held_out]
+
+
+def test_read_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\na red cube\n\na dog on a skateboard\na blue cube on top of a red cylinder\n")
+    specs = read_prompts(f, ["a red cube", "a green cone"])
+    assert [s.kind for s in specs] == ["single", "free", "composition"]
+    assert [s.held_out for s in specs] == [False, True, True]
+    with pytest.raises(FileNotFoundError, match="prompts file does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="empty.txt: no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+def test_config_from_params_section():
+    from gaussian_atlas.config import from_dict
+
+    cfg = from_dict(EvaluateConfig, {"n_views": 4, "sample": {"steps": 10, "frames": 8}}, "evaluate")
+    assert cfg.sample == SampleConfig(steps=10, frames=8) and cfg.n_views == 4
+    with pytest.raises(ValueError, match=r"evaluate.sample: unknown key\(s\) \['step'\]"):
+        from_dict(EvaluateConfig, {"sample": {"step": 10}}, "evaluate")
+
+
+# --------------------------------------------------------------------------- colour and shape
+
+
+def test_colour_scoring_right_colour_correct_other_colour_wrong():
+    names = list(COLORS)
+    c2w, K = _views(len(names))
+    palette = rendered_palette(c2w.reshape(-1, 4, 4))
+    g = Gaussians.stack([_object([("sphere", c)], seed=i) for i, c in enumerate(names)])
+    right = [PromptSpec(f"a {c} sphere", (("sphere", c),), False, "single") for c in names]
+    rows = score_objects(g, right, c2w, K, RES, palette, EvaluateConfig(rotations=4, shape_points=256))
+    assert [r["colour_pred"] for r in rows] == names
+    assert all(r["colour_correct"] for r in rows)
+    wrong = [PromptSpec("x", (("sphere", names[(i + 1) % len(names)]),), False, "single") for i in range(len(names))]
+    rows_w = score_objects(g, wrong, c2w, K, RES, palette, EvaluateConfig(rotations=4, shape_points=256))
+    assert not any(r["colour_correct"] for r in rows_w)
+    assert all(w["colour_distance"] > r["colour_distance"] for r, w in zip(rows, rows_w))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_scoring_picks_the_primitive_under_the_gaussians(shape):
+    g = _object([(shape, "red")], seed=3)
+    pred, d = classify_shape(surface_points(g, 1024, seed=0))
+    assert pred == shape, sorted(d.items(), key=lambda kv: kv[1])[:3]
+
+
+def test_composition_scores_each_part():
+    parts = [("cone", "yellow"), ("cube", "blue")]
+    g = Gaussians.stack([_object(parts, seed=5)])
+    c2w, K = _views(1)
+    palette = rendered_palette(c2w.reshape(-1, 4, 4))
+    spec = PromptSpec("a yellow cone on top of a blue cube", tuple(parts), False, "composition")
+    (row,) = score_objects(g, [spec], c2w, K, RES, palette)
+    assert row["colour_pred"] == "yellow/blue" and row["shape_pred"] == "cone/cube"
+    assert row["both_correct"]
+    swapped = PromptSpec("a blue cone on top of a yellow cube", (("cone", "blue"), ("cube", "yellow")), False,
+                         "composition")
+    (row,) = score_objects(g, [swapped], c2w, K, RES, palette)
+    assert not row["colour_correct"] and row["shape_correct"]
+
+
+def test_random_atlases_score_near_chance(tiny_model_dir):
+    from gaussian_atlas.atlas import atlas_to_gaussians
+    from gaussian_atlas.sample import load_atlas_model
+
+    m = load_atlas_model(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    names = list(COLORS)
+    specs = [PromptSpec("p", ((s, names[int(rng.integers(len(names)))]),), False, "single")
+             for s in SHAPES for _ in range(3)]  # 27 prompts, each shape 3 times
+    g = atlas_to_gaussians(random_atlases(len(specs), m.mean, m.std, seed=1), None, m.atlas_cfg, grid=m.grid)
+    c2w, K = _views(len(specs))
+    rows = score_objects(g, specs, c2w, K, 16, rendered_palette(c2w.reshape(-1, 4, 4)),
+                         EvaluateConfig(rotations=4, shape_points=256))
+    s = summarise(rows, specs)
+    assert s["n"] == 27
+    assert s["shape_accuracy"] <= 3 * CHANCE["shape"] and s["colour_accuracy"] <= 3 * CHANCE["colour"]
+    assert s["both_accuracy"] <= 2 / 27
+
+
+# --------------------------------------------------------------------------- CLIP / VQA / skips
+
+
+def _tiny_clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from gaussian_atlas.model import build_tokenizer
+
+    tok = build_tokenizer(["a red cube", "a blue cone on top of a green cylinder"], max_length=16)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_clip_score_from_a_local_folder(tmp_path):
+    scorer = load_clip(str(_tiny_clip(tmp_path / "clip")))
+    views = np.random.default_rng(0).integers(0, 256, (3, 2, 40, 40, 3), dtype=np.uint8)
+    s = scorer(views, ["a red cube", "a blue cone", "a dog"])
+    assert s.shape == (3,) and np.all((s >= 0) & (s <= 100))
+    assert np.allclose(s, scorer(views, ["a red cube", "a blue cone", "a dog"]))  # deterministic
+    # a prompt's score is the mean of its views' scores
+    per_view = [scorer(views[:1, k:k + 1], ["a red cube"])[0] for k in range(2)]
+    assert s[0] == pytest.approx(np.mean(per_view), abs=1e-4)
+
+
+def test_skip_reasons_name_the_missing_weights(tmp_path):
+    assert load_clip(None) == skipped("no weights configured (evaluate.clip_model is null)")
+    assert load_clip(str(tmp_path / "nope")) == skipped(f"no weights at {tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot load CLIP from .*empty"):
+        load_clip(str(tmp_path / "empty"))
+    v = load_vqa(None)
+    assert v["status"] == "skipped" and "t2v_metrics" in v["reason"] and "evaluate.vqa_model is null" in v["reason"]
+    v = load_vqa(str(tmp_path / "empty"))  # weights folder there, but t2v_metrics cannot be used here
+    assert v["status"] == "skipped" and "t2v_metrics" in v["reason"]
+
+
+# --------------------------------------------------------------------------- end to end on a tiny model
+
+
+def test_evaluate_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    from gaussian_atlas.sample import load_atlas_model
+
+    m = load_atlas_model(tiny_model_dir)
+    specs = benchmark_prompts(["a red cube", "a blue sphere", "a green torus", "a red cone on top of a blue cube"],
+                              n_seen=2, n_held_out=1, n_compositions=1)
+    specs.append(PromptSpec("a dog", None, True, "free"))
+    cfg = EvaluateConfig(n_views=2, resolution=16, rotations=2, shape_points=128,
+                         clip_model=str(_tiny_clip(tmp_path / "clip")),
+                         sample=SampleConfig(steps=2, frames=2, resolution=16))
+    ceiling = {0: m.mean.numpy()}
+    ev = evaluate(m, specs, cfg, ceiling)
+    B = len(specs)
+    assert ev.atlases.shape == (B, 16, 8, 8) and ev.gaussians.means.shape == (B, 64, 3)
+    assert ev.views["generated"].shape == (B, 2, 16, 16, 3) and ev.views["ceiling"].shape[0] == 1
+    assert len(ev.rows) == 2 * B + 1
+    mt = ev.metrics
+    json.dumps(mt)  # serialisable as is
+    for src in ("generated", "ceiling", "floor"):
+        assert {"n", "colour_accuracy", "shape_accuracy", "both_accuracy", "colour_distance", "chamfer",
+                "seen", "held_out"} <= set(mt[src])
+    assert mt["generated"]["n"] == B - 1 and mt["n_free"] == 1 and mt["n_ceiling"] == 1
+    assert mt["clip_score"]["status"] == "ok" and 0 <= mt["clip_score"]["generated"] <= 100
+    assert mt["vqa_score"]["status"] == "skipped"
+    free = [r for r in ev.rows if r["prompt"] == "a dog" and r["source"] == "generated"][0]
+    assert free["colour_correct"] is None and 0 <= free["clip_score"] <= 100
+    # same seeds -> same samples
+    again = evaluate(m, specs[:1], cfg)
+    assert torch.allclose(again.atlases[0], ev.atlases[0], atol=1e-5)
+
+
+def test_gallery_escapes_and_links():
+    page = gallery_html([{"prompt": "a <b>red</b> cube", "turntable": "turntables/000-a.gif", "atlas": None,
+                          "scores": {"colour_correct": True, "clip_score": None}}], {"prompts": 1})
+    assert "&lt;b&gt;red" in page and "turntables/000-a.gif" in page and "<b>red</b>" not in page
+    assert slug("A red torus!") == "a-red-torus" and slug("???") == "prompt"
