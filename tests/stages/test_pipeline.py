@@ -31,8 +31,10 @@ TINY = {
     "train": {"model": {"sample_size": 16, "max_length": 16}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
               "render_resolution": 16, "sample_every": 2, "sample_steps": 2, "sample_views": 2,
               "sample_resolution": 16},
+    "evaluate": {"n_seen": 2, "n_held_out": 1, "n_compositions": 1, "n_views": 2, "resolution": 24,
+                 "shape_points": 256, "rotations": 8, "sample": {"steps": 2, "frames": 3, "resolution": 24}},
 }
-STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "train"]
+STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "train", "evaluate"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -133,6 +135,31 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
         {p.name for p in model.iterdir()}
     tr = by_stage["train"]
     assert len(client.get_metric_history(tr.info.run_id, "loss_v")) == 3
+
+    import json
+    ev = json.loads((project / "metrics/evaluate.json").read_text())
+    assert ev["n_prompts"] == 4 and ev["n_single_held_out"] == 1 and ev["n_compositions"] == 1
+    for src in ("generated", "ceiling", "floor"):
+        assert {"colour_accuracy", "shape_accuracy", "both_accuracy", "colour_distance", "chamfer"} <= set(ev[src])
+    assert ev["generated"]["n"] == 4 and ev["ceiling"]["n"] >= 2  # the seen prompts have a training object
+    assert ev["clip_score"] == {"status": "skipped", "reason": "no weights configured (evaluate.clip_model is null)"}
+    assert ev["vqa_score"]["status"] == "skipped"
+    out = project / "data/evaluate"
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 4 and sum(p["held_out"] for p in prompts) >= 1
+    for p in prompts:
+        assert len(read_ply(out / "plys" / f"{p['file']}.ply")) == 16 * 16
+        assert (out / "turntables" / f"{p['file']}.gif").exists() and (out / "atlases" / f"{p['file']}.png").exists()
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert set(scores["source"]) == {"generated", "ceiling", "floor"} and (scores["source"] == "generated").sum() == 4
+    gallery = (out / "gallery.html").read_text()
+    assert all(p["prompt"] in gallery for p in prompts) and "turntables/" in gallery
+    assert (project / "reports/evaluate/accuracy.csv").exists()
+    er = by_stage["evaluate"]
+    assert 0.0 <= er.data.metrics["generated.colour_accuracy"] <= 1.0
+    arts = {a.path for a in client.list_artifacts(er.info.run_id)}
+    assert {"turntables", "gallery", "scores.parquet", "evaluate.json"} <= arts
+    assert "gallery/gallery.html" in {a.path for a in client.list_artifacts(er.info.run_id, "gallery")}
     previews = {a.path for a in client.list_artifacts(tr.info.run_id, "samples")}
     assert previews == {"samples/step_000002.png", "samples/step_000003.png"}
     versions = client.search_model_versions("name = 'gaussian-atlas-unet'")
