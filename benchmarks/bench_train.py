@@ -209,7 +209,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimiser steps")
     ap.add_argument("--warmup", type=int, default=4, help="untimed optimiser steps first (compilation)")
     ap.add_argument("--objects", type=int, default=256, help="random atlases in the dataset")
-    ap.add_argument("--no-compile", action="store_true", help="ours without torch.compile (also reported)")
+    ap.add_argument("--variants", default="plain,eager,compile",
+                    help="comma-separated runs: plain (the baseline), eager (ours), compile (ours + torch.compile)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -237,10 +238,10 @@ def main() -> None:
 
     res = {"device": name, "size": args.size, "side": args.side, "batch": args.batch, "micro_batch": micro,
            "accum": accum, "tflop_per_sample": fl / 1e12}
-    runs = [("plain diffusers loop", lambda: plain_loop(args, data, micro, accum)),
-            ("ours (train(), eager)", lambda: our_loop(args, data, micro, accum, compile=False))]
-    if not args.no_compile:
-        runs.append(("ours (train(), torch.compile)", lambda: our_loop(args, data, micro, accum, compile=True)))
+    variants = {"plain": ("plain diffusers loop", lambda: plain_loop(args, data, micro, accum)),
+                "eager": ("ours (train(), eager)", lambda: our_loop(args, data, micro, accum, compile=False)),
+                "compile": ("ours (train(), torch.compile)", lambda: our_loop(args, data, micro, accum, compile=True))}
+    runs = [variants["plain"]] + [variants[v] for v in args.variants.split(",") if v in variants and v != "plain"]
     for label, fn in runs:
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)

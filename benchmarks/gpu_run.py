@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--sample-every", type=int, default=1000, help="preview samples every k steps")
     ap.add_argument("--fit-batch", type=int, default=32, help="objects fitted together")
     ap.add_argument("--only", choices=["data", "train", "sample"], default=None)
+    ap.add_argument("--wait-for", default=None, metavar="FILE",
+                    help="after generating (CPU), wait until FILE exists before using the GPU (e.g. a benchmark "
+                         "sharing the machine)")
     args = ap.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,10 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     gio.write_parquet(root / "procedural" / "manifest.parquet",  # what load_train_data reads
                       pd.DataFrame({"id": ids, "path": [f"objects/{i}" for i in ids], "caption": [caps[i] for i in ids]}))
 
+    if args.wait_for:
+        while not Path(args.wait_for).exists():
+            time.sleep(2)
+        log(f"{args.wait_for} exists: the GPU is ours")
     # 2. fit (GPU, objects packed 32 at a time)
     t = time.perf_counter()
     fcfg = FitConfig(steps=args.fit_steps, tau=args.tau, init_points=2000, views_per_step=4, resolution=0,
