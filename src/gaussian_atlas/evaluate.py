@@ -20,19 +20,19 @@ Procedural prompt fidelity (needs no downloaded weights)
     prompted colour.
 
     *shape*: points are drawn from the Gaussian centres with probability proportional to
-    opacity (Gaussians under ``min_opacity`` dropped), centred on their mean and scaled to
-    unit RMS radius; each candidate primitive's surface samples are normalised the same way.
-    The score against a candidate is the symmetric Chamfer distance (mean nearest-neighbour
-    Euclidean distance, both directions), minimised over ``rotations`` turns about +Z (the
-    generator turns its objects about +Z at random). Correct when the nearest candidate is
-    the prompted shape. Single prompts have the 9 primitives as candidates; compositions
-    have every (top, bottom) stack the generator can make (9 x 3 = 27), built like the
-    generator builds them (top part scaled by ``STACK_TOP_SCALE`` resting on the bottom
-    one), so a composition's shape is correct only when both parts are.
+    opacity (Gaussians under ``min_opacity`` dropped), centred on their mean, turned about +Z
+    onto the principal axes of their XY spread and scaled to unit RMS per axis (the generator
+    stretches every primitive by 0.8-1.2 per axis and turns it about +Z at random, so this
+    frame makes a stretched cube a cube again); the surface samples of each of the 9 canonical,
+    axis-aligned primitives are centred and scaled the same way. The score against a primitive is the symmetric Chamfer
+    distance (mean nearest-neighbour Euclidean distance, both directions), minimised over
+    ``rotations`` turns about +Z. Correct when the nearest primitive is the prompted one.
 
-    *colour of a composition*: the Gaussians are split at the height where the prompted
-    stack's parts meet (in the normalised frame), each half is rendered alone, and the
-    composition's colour is correct only when both halves are.
+    *compositions*: the Gaussians are cut at the height where the prompted stack's parts
+    meet (the densest height near that junction: the flat top of the bottom part); each part
+    is classified on its own (the top part against primitives without their bottom face,
+    which rests on the other part and is never seen) and rendered alone for its colour. A
+    composition's colour / shape is correct only when both parts' are.
 
     *both*: colour and shape correct. Chance levels: 1/12 (colour), 1/9 (shape), 1/108 (both)
     for singles.
@@ -47,8 +47,9 @@ CLIP score (weights on disk only)
 VQA score (weights on disk only)
     CLIP-FlanT5 VQAScore through ``t2v_metrics`` (P("Yes") to "Does this figure show
     '<prompt>'?"), averaged like the CLIP score. ``t2v_metrics`` pins torch 2.5.1 and
-    transformers 4.49, which this environment does not have, so here it is always skipped
-    with the reason; never a number from a random network.
+    transformers 4.49, which this project's environment does not have: it is used when it
+    imports (an environment built for it) and the weights folder exists, otherwise recorded
+    as skipped with the reason; never a number from a random network.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from torch import Tensor
 from .sample import SampleConfig
 
 __all__ = ["EvaluateConfig", "PromptSpec", "parse_caption", "benchmark_prompts", "read_prompts", "random_views",
-           "rendered_palette", "nearest_colour", "render_premultiplied", "alpha_weighted_colour", "object_colours",
+           "rendered_palette", "object_palettes", "nearest_colour", "render_premultiplied", "alpha_weighted_colour", "object_colours",
            "surface_points", "normalise_points", "height_frame", "chamfer", "candidate_clouds", "junction_height",
            "split_height", "classify_shape", "random_atlases", "score_objects", "summarise",
            "ClipScorer", "load_clip", "VqaScorer", "load_vqa", "Evaluation", "evaluate", "skipped", "gallery_html", "slug", "CHANCE"]
@@ -342,6 +343,46 @@ def rendered_palette(c2w: Tensor | np.ndarray, ambient: float | None = None,
     return out
 
 
+def object_palettes(parts: Sequence[str], c2w: Tensor | np.ndarray, K: Tensor | np.ndarray,
+                    resolution: int) -> list[dict[str, np.ndarray]]:
+    """Per part of the prompted object (top first): ``{colour name: rgb [3]}``, each named colour
+    as the procedural renderer shows that part from these views.
+
+    The canonical object of ``parts`` (the generator's stack, no random stretch, normalised
+    into the unit ball like every generated object) is ray cast by
+    :func:`gaussian_atlas.meshrender.render_views` from cameras ``c2w [V, 4, 4]``, ``K [V, 3, 3]``
+    with part k's albedo 0.5 in channel k, which gives each pixel's light factor ``L`` and
+    part. Colour c of part k is then the alpha-weighted mean of ``clip(albedo_c * L)`` over
+    that part's pixels (the renderer's shading is ``clip(albedo * L)``). Unlike one palette
+    for all shapes, this knows that the upright sides of a prism under a part resting on it
+    are seen only under the side lights.
+    """
+    from .meshrender import RenderConfig, normalize_mesh, render_views
+    from .procedural import COLORS
+
+    if len(parts) > 3:
+        raise ValueError(f"object_palettes handles up to 3 parts, got {len(parts)}")
+    mesh, _ = _canonical(parts, colours=[tuple(128 if c == k else 0 for c in range(3)) for k in range(len(parts))])
+    mesh, _, _ = normalize_mesh(mesh, 1.0)
+    c2w, K = np.asarray(c2w, np.float64), np.asarray(K, np.float64)
+    rgba = render_views(mesh, list(c2w), {"w": resolution, "h": resolution, "fl_x": float(K[0, 0, 0]),
+                                          "fl_y": float(K[0, 1, 1]), "cx": float(K[0, 0, 2]), "cy": float(K[0, 1, 2])},
+                        RenderConfig(supersample=1))
+    rgb = rgba[..., :3].reshape(-1, 3).astype(np.float64) / 255.0  # [P, 3]
+    alpha = rgba[..., 3].reshape(-1).astype(np.float64) / 255.0
+    out = []
+    for k in range(len(parts)):
+        mine = (rgb[:, k] > 0) & (alpha > 0)
+        light = rgb[mine, k] / (128.0 / 255.0)  # [P_k] light factor of part k's pixels
+        w = alpha[mine]
+        pal = {}
+        for name, c in COLORS.items():
+            shaded = np.clip(np.asarray(c, np.float64)[None] / 255.0 * light[:, None], 0.0, 1.0)
+            pal[name] = (w[:, None] * shaded).sum(0) / max(w.sum(), 1e-12) if len(w) else np.asarray(c) / 255.0
+        out.append(pal)
+    return out
+
+
 def nearest_colour(rgb: np.ndarray, palette: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, float]]:
     """``(name of the nearest palette colour, {name: distance})``; None for a non-finite ``rgb``."""
     rgb = np.asarray(rgb, np.float64)
@@ -463,8 +504,11 @@ def chamfer(a: Tensor, b: Tensor, rotations: int = 1, coarse: int = 128, keep: i
     return float(_chamfer_rotated(a, b, R).min())
 
 
-def _canonical(parts: Sequence[str]) -> tuple[Any, float | None]:
-    """The generator's stack of ``parts`` (top first) without random variation, and the height where parts meet."""
+def _canonical(parts: Sequence[str], colours: Sequence[Sequence[int]] | None = None) -> tuple[Any, float | None]:
+    """The generator's stack of ``parts`` (top first) without random variation, and the height where parts meet.
+
+    ``colours``: an RGB face colour per part (top first), else none.
+    """
     import trimesh
 
     from .procedural import STACK_TOP_SCALE, make_primitive
@@ -472,6 +516,8 @@ def _canonical(parts: Sequence[str]) -> tuple[Any, float | None]:
     meshes, top_z, center_xy, junction = [], None, None, None
     for level, shape in enumerate(reversed(list(parts))):  # bottom first, as build_object
         m = make_primitive(shape)
+        if colours is not None:
+            m.visual.face_colors = np.array([*colours[len(parts) - 1 - level], 255], dtype=np.uint8)
         if level > 0:
             m.apply_scale(STACK_TOP_SCALE)
         lo, hi = m.bounds
@@ -577,7 +623,8 @@ def _mask_opacity(g: Any, keep: Tensor) -> Any:
 
 @torch.no_grad()
 def score_objects(g: Any, specs: Sequence[PromptSpec], c2w: Tensor, K: Tensor, resolution: int,
-                  palette: Mapping[str, np.ndarray], cfg: EvaluateConfig = EvaluateConfig(), seed: int = 0,
+                  palette: Mapping[str, np.ndarray] | Sequence[Sequence[Mapping[str, np.ndarray]]] | None = None,
+                  cfg: EvaluateConfig = EvaluateConfig(), seed: int = 0,
                   colours: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Procedural colour/shape scores of objects ``g [B, N]`` (unit-ball frame) for ``specs [B]``.
 
@@ -589,8 +636,10 @@ def score_objects(g: Any, specs: Sequence[PromptSpec], c2w: Tensor, K: Tensor, r
     ``colour_correct`` / ``shape_correct`` (every part), ``both_correct``,
     ``colour_distance`` (mean over parts, to the prompted rendered palette colour),
     ``chamfer`` (mean over parts, to the prompted primitive), ``chamfer_best`` (to the
-    nearest). ``colours [B, 3]``: the whole objects' alpha-weighted colours when already
-    rendered (used for single-part prompts).
+    nearest). ``palette``: one palette for every part (``{name: rgb}``), or per object a list
+    of per-part palettes; None = :func:`object_palettes` of each prompt from its views.
+    ``colours [B, 3]``: the whole objects' alpha-weighted colours when already rendered
+    (used for single-part prompts).
     """
     rows: list[dict[str, Any]] = []
     for b, spec in enumerate(specs):
@@ -619,6 +668,12 @@ def score_objects(g: Any, specs: Sequence[PromptSpec], c2w: Tensor, K: Tensor, r
             gs = type(gb).stack(subsets or [gb])
             cols = object_colours(gs, c2w[b].expand(len(gs.means), -1, -1, -1),
                                   K[b].expand(len(gs.means), -1, -1, -1), resolution)
+        if palette is None:
+            pals = object_palettes(shapes, c2w[b], K[b], resolution)
+        elif isinstance(palette, Mapping):
+            pals = [palette] * n_parts
+        else:
+            pals = palette[b]
         shape_pred, shape_ok, cd, cd_best, col_pred, col_ok, col_d = [], [], [], [], [], [], []
         for k, ((shape, colour), pp, col) in enumerate(zip(spec.parts, part_pts, cols)):
             name, d = classify_shape(pp, cfg.rotations, seed=seed, open_bottom=n_parts == 2 and k == 0)
@@ -626,7 +681,7 @@ def score_objects(g: Any, specs: Sequence[PromptSpec], c2w: Tensor, K: Tensor, r
             shape_ok.append(name == shape)
             cd.append(d[shape])
             cd_best.append(min(d.values()))
-            cname, dist = nearest_colour(col, palette)
+            cname, dist = nearest_colour(col, pals[k])
             col_pred.append(cname)
             col_ok.append(cname == colour)
             col_d.append(dist[colour])
@@ -842,7 +897,8 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
                          cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for i in range(B)]
     c2w = torch.stack([c for c, _ in cams])  # [B, V, 4, 4]
     K = torch.stack([k for _, k in cams])  # [B, V, 3, 3]
-    palette = rendered_palette(c2w.reshape(-1, 4, 4))
+    palettes = [object_palettes([p for p, _ in s.parts], c2w[i], K[i], cfg.resolution) if s.parts else []
+                for i, s in enumerate(specs)]  # the prompted object as the renderer shows it, per part
     clip = load_clip(cfg.clip_model, dev)
     vqa = load_vqa(cfg.vqa_model, cfg.vqa_name, dev)
 
@@ -857,7 +913,7 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
         views[source] = on_white_u8(rgb, alpha)
         objects[source] = list(idx)
         sub = [specs[i] for i in idx]
-        scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, palette, cfg, seed=cfg.seed,
+        scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, [palettes[i] for i in idx], cfg, seed=cfg.seed,
                                colours=alpha_weighted_colour(rgb, alpha))
         cs = clip(views[source], [s.prompt for s in sub]) if isinstance(clip, ClipScorer) else None
         vs = vqa(views[source], [s.prompt for s in sub]) if isinstance(vqa, VqaScorer) else None

@@ -25,10 +25,11 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "unet_config", "widen_conv_in", "widen_conv_out", "widen_unet", "build_tokenizer",
+__all__ = ["ModelConfig", "fast_attention", "unet_config", "widen_conv_in", "widen_conv_out", "widen_unet", "build_tokenizer",
            "build_text_encoder", "load_model"]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+SIZES = ("tiny", "small", "sd")
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ModelConfig:
     """``params.yaml: train.model``.
 
     pretrained : local folder / hub id with unet/, text_encoder/, tokenizer/; None = from config.
-    size : "tiny" or "sd" (the UNet built from config).
+    size : "tiny" (CPU), "small" (~60M, a GPU run on hundreds of objects) or "sd" (SD-1.5 layout).
     channels : atlas channels (16).
     sample_size : atlas side.
     max_length : text tokens (from-config tokenizer).
@@ -53,8 +54,8 @@ class ModelConfig:
     train_text_encoder: bool | None = None  # None: trained when built from config, frozen when pretrained
 
     def __post_init__(self) -> None:
-        if self.size not in ("tiny", "sd"):
-            raise ValueError(f"model.size must be 'tiny' or 'sd', got {self.size!r}")
+        if self.size not in SIZES:
+            raise ValueError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.channels % 4:
             raise ValueError(f"model.channels must be a multiple of 4 (conv_in is repeated), got {self.channels}")
 
@@ -67,6 +68,12 @@ def unet_config(size: str, channels: int, sample_size: int, cross_attention_dim:
                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                       "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    cross_attention_dim=cross_attention_dim, attention_head_dim=8)
+    if size == "small":  # ~60M parameters: a GPU run on a few hundred objects in tens of minutes
+        return dict(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                    block_out_channels=(128, 256, 512), layers_per_block=2,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                     cross_attention_dim=cross_attention_dim, attention_head_dim=8)
     # tiny: attention (self + cross) only at 1/4 resolution, where a 64x64 atlas has 256 tokens;
     # full-resolution attention over 4,096 tokens made a CPU step 8 s instead of well under 1 s.
@@ -136,12 +143,31 @@ def build_text_encoder(tokenizer: Any, size: str = "tiny") -> Any:
     """A CLIP text encoder built from config for ``tokenizer``'s vocabulary (trainable)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    hidden = 64 if size == "tiny" else 768
+    hidden, layers, heads = {"tiny": (64, 2, 2), "small": (256, 4, 4), "sd": (768, 12, 12)}[size]
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
-                         num_hidden_layers=2 if size == "tiny" else 12, num_attention_heads=2 if size == "tiny" else 12,
+                         num_hidden_layers=layers, num_attention_heads=heads,
                          max_position_embeddings=tokenizer.model_max_length, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return CLIPTextModel(cfg)
+
+
+def fast_attention(device: Any) -> Any:
+    """A context in which ``scaled_dot_product_attention`` prefers cuDNN's fused kernel on Hopper GPUs.
+
+    On sm_90 (H100/H200) cuDNN's attention is faster than the FlashAttention-2 kernel PyTorch
+    picks by default, notably at the SD UNet's head size 40 over 16,384 tokens (a 128x128
+    atlas); flash / memory-efficient / math stay behind it as fallbacks for inputs cuDNN does
+    not take. Elsewhere (CPU, older GPUs): PyTorch's default choice (a null context).
+    """
+    import contextlib
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (9, 0):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def load_model(cfg: ModelConfig, captions: Iterable[str] = ()) -> tuple[Any, Any, Any]:

@@ -147,6 +147,8 @@ def sample_atlases(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    from .model import fast_attention
+
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     C, S = unet.config.in_channels, unet.config.sample_size
@@ -166,7 +168,8 @@ def sample_atlases(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guidance != 1.0 else x
             inp = scheduler.scale_model_input(inp, t).to(dtype)
-            v = unet(inp, t, encoder_hidden_states=ctx).sample.float()
+            with fast_attention(device):
+                v = unet(inp, t, encoder_hidden_states=ctx).sample.float()
             if guidance != 1.0:
                 v_u, v_c = v.chunk(2)
                 v = v_u + guidance * (v_c - v_u)

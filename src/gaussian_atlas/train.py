@@ -16,6 +16,7 @@ killed run continues with the same step, optimizer, scheduler, EMA and RNG state
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -59,6 +60,8 @@ class TrainConfig:
     channels_last: bool = True  # NHWC UNet on CUDA (faster convolutions); ignored on the CPU
     data_on_device: str = "auto"  # auto | always | never: atlases resident on the GPU (auto: if < 1/4 of its memory)
     log_every: int = 1  # read the losses back every k steps (each read waits for the GPU)
+    fast_attention: bool = True  # cuDNN fused attention first on Hopper GPUs (model.fast_attention)
+    max_minutes: float = 0.0  # stop (checkpoint + final model) after this wall-clock budget; 0 = no limit
     seed: int = 0
     # previews: every k steps, a few prompts sampled (EMA weights, DPM-Solver++) and rendered
     sample_every: int = 0  # 0 = never
@@ -174,7 +177,7 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .model import load_model
+    from .model import fast_attention, load_model
 
     out_dir = Path(out_dir)
     cuda = torch.cuda.is_available()
@@ -254,11 +257,15 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
         if lpips_fn is None:
             print(f"train: LPIPS rendering loss {lpips_note}")
 
+    def attention():  # a fresh context per use (sdpa_kernel's is single-use)
+        return fast_attention(dev) if cfg.fast_attention else contextlib.nullcontext()
+
     M = len(data.atlases)
     t0, done, last, pending = time.perf_counter(), 0, {}, {}
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
+    out_of_time = False
     unet.train()
-    while step < cfg.steps and (stop_after is None or done < stop_after):
+    while step < cfg.steps and not out_of_time and (stop_after is None or done < stop_after):
         with accelerator.accumulate(unet):
             # 3. a batch: atlases, captions (20% dropped to "" for CFG), noise, timesteps
             idx = torch.randint(0, M, (cfg.batch_size,), generator=batch_rng)
@@ -276,7 +283,7 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
                 ctx = encode(["" if d else data.captions[i] for d, i in zip(drop.tolist(), idx.tolist())])
 
             # 4. v-prediction loss
-            with accelerator.autocast():
+            with accelerator.autocast(), attention():
                 v_pred = unet_fwd(xt, t, encoder_hidden_states=ctx).sample
             v_target = noise_scheduler.get_velocity(x0, noise, t)
             loss_v = F.mse_loss(v_pred.float(), v_target.float())
@@ -311,17 +318,23 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
             done += 1
             bar.update(1)
             pending = {**terms, "loss": loss.detach()}
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if cfg.max_minutes and step % cfg.log_every == 0:  # the main process decides for every rank
+                from accelerate.utils import broadcast_object_list
+
+                flag = [time.perf_counter() - t0 > 60.0 * cfg.max_minutes]
+                out_of_time = bool(broadcast_object_list(flag)[0]) if accelerator.num_processes > 1 else flag[0]
+            final = step == cfg.steps or out_of_time
+            if step % cfg.log_every == 0 or final:
                 last = {k: float(v) for k, v in pending.items()}
                 last["lr"] = lr_scheduler.get_last_lr()[0]
                 if log is not None and accelerator.is_main_process:
                     log(step, last)
             # 7. checkpoint: accelerate state + EMA + step + generators
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or final:
                 _save_checkpoint(accelerator, ema, gens, step, out_dir, cfg.keep_checkpoints)
             # 8. previews (main process only; no collective calls inside)
             if (images is not None and cfg.sample_every and accelerator.is_main_process
-                    and (step % cfg.sample_every == 0 or step == cfg.steps)):
+                    and (step % cfg.sample_every == 0 or final)):
                 images(step, _preview(cfg, accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, data,
                                       atlas_cfg))
     bar.close()
@@ -332,7 +345,8 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
                accelerator.num_processes / max(seconds, 1e-9), **{f"last_{k}": v for k, v in last.items()}}
     if dev.type == "cuda":
         summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    if step >= cfg.steps and accelerator.is_main_process:
+    summary["stopped"] = "steps" if step >= cfg.steps else ("max_minutes" if out_of_time else "stop_after")
+    if (step >= cfg.steps or out_of_time) and accelerator.is_main_process:
         _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler, out_dir / "model")
     accelerator.wait_for_everyone()
     return summary
