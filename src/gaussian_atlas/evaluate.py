@@ -11,13 +11,13 @@ Procedural prompt fidelity (needs no downloaded weights)
 
     *colour*: the **alpha-weighted rendered colour** of a part, ``sum(rgb) / sum(alpha)``
     over the pixels of the evaluation views rendered on black (so ``rgb`` is premultiplied),
-    is compared with the generator's palette **as the mesh renderer shows it**
-    (:func:`rendered_palette`: each named colour's albedo under the renderer's ambient +
-    directional lights, averaged over the visible surface of a sphere seen from the same
-    views; a red object is rendered darker than its albedo, so comparing with raw albedos
-    would misjudge dark and light colours). Correct when the nearest rendered palette colour
-    (Euclidean, RGB in [0, 1]) is the prompted one; ``colour_distance`` is the distance to the
-    prompted colour.
+    is compared with the generator's palette **as the mesh renderer shows the prompted
+    object** from the same views (:func:`object_palettes`: the canonical prompted object is
+    ray cast once to get each pixel's light factor, and every named colour is shaded with it
+    as the renderer does, ``clip(albedo * light)``). Fits bake that shading into their
+    colours, so comparing with raw albedos would misjudge dark and light colours (orange seen
+    from the side reads as brown). Correct when the nearest of these colours (Euclidean, RGB
+    in [0, 1]) is the prompted one; ``colour_distance`` is the distance to the prompted one.
 
     *shape*: points are drawn from the Gaussian centres with probability proportional to
     opacity (Gaussians under ``min_opacity`` dropped), centred on their mean, turned about +Z

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gaussian_atlas.evaluate import (CHANCE, EvaluateConfig, PromptSpec, benchmark_prompts, classify_shape,
-                                     evaluate, gallery_html, load_clip, load_vqa, parse_caption, random_atlases,
+                                     evaluate, gallery_html, load_clip, load_vqa, object_palettes, parse_caption,
+                                     random_atlases,
                                      random_views, read_prompts, rendered_palette, score_objects, skipped, slug,
                                      summarise, surface_points)
 from gaussian_atlas.gaussians import Gaussians
@@ -118,6 +119,18 @@ def test_colour_scoring_right_colour_correct_other_colour_wrong():
     assert all(w["colour_distance"] > r["colour_distance"] for r, w in zip(rows, rows_w))
 
 
+def test_object_palette_of_a_sphere_matches_the_analytic_sphere_palette():
+    """Two routes to "colour c as the renderer shows it": ray casting the prompted object vs the sphere average."""
+    c2w, K = random_views(4, 48, seed=2)
+    (ray_cast,) = object_palettes(["sphere"], c2w, K, 48)
+    analytic = rendered_palette(c2w)
+    for name in COLORS:
+        assert np.abs(ray_cast[name] - analytic[name]).max() < 0.03, name
+    # an upright prism under another part is seen mostly from the side: darker than its sphere average
+    top, bottom = object_palettes(["pyramid", "prism"], c2w, K, 48)
+    assert bottom["orange"].sum() < analytic["orange"].sum()
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shape_scoring_picks_the_primitive_under_the_gaussians(shape):
     g = _object([(shape, "red")], seed=3)
@@ -129,14 +142,13 @@ def test_composition_scores_each_part():
     parts = [("cone", "yellow"), ("cube", "blue")]
     g = Gaussians.stack([_object(parts, seed=5)])
     c2w, K = _views(1)
-    palette = rendered_palette(c2w.reshape(-1, 4, 4))
     spec = PromptSpec("a yellow cone on top of a blue cube", tuple(parts), False, "composition")
-    (row,) = score_objects(g, [spec], c2w, K, RES, palette)
+    (row,) = score_objects(g, [spec], c2w, K, RES)  # palettes of the prompted object, per part
     assert row["colour_pred"] == "yellow/blue" and row["shape_pred"] == "cone/cube"
     assert row["both_correct"]
     swapped = PromptSpec("a blue cone on top of a yellow cube", (("cone", "blue"), ("cube", "yellow")), False,
                          "composition")
-    (row,) = score_objects(g, [swapped], c2w, K, RES, palette)
+    (row,) = score_objects(g, [swapped], c2w, K, RES)
     assert not row["colour_correct"] and row["shape_correct"]
 
 
