@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         gen = rows[rows["source"] == "generated"].set_index("index")
         items = [{"prompt": s.prompt + (" (held out)" if s.held_out else ""), "turntable": f"turntables/{n}.gif",
                   "atlas": f"atlases/{n}.png",
-                  "scores": {k: _py(gen.loc[i, k]) for k in ("seed", "colour_pred", "colour_correct", "shape_pred",
-                                                             "shape_correct", "both_correct", "clip_score")}}
+                  "scores": {"seed": ev.seeds[i], **{k: _py(gen.loc[i, k]) for k in (
+                      "colour_pred", "colour_correct", "shape_pred", "shape_correct", "both_correct", "clip_score")}}}
                  for i, (s, n) in enumerate(zip(specs, names))]
         gio.write_text(out / "gallery.html", gallery_html(items, _headline(ev.metrics)))
         gio.write_json(args.metrics, ev.metrics)
