@@ -70,6 +70,10 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per setting (the median is reported)")
+    ap.add_argument("--variants", default="baseline,bf16,compile",
+                    help="comma-separated subset of baseline (fp32 eager), bf16 (bf16 channels_last), compile")
+    ap.add_argument("--baseline-batches", type=int, nargs="+", default=None,
+                    help="batch sizes for the (slow) fp32 baseline; default: --batches")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from gaussian_atlas.sample import SampleConfig
@@ -78,13 +82,16 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device: {name}; UNet {args.size}, atlases 16x{args.side}x{args.side}, {args.steps} DPM-Solver++ steps, "
           f"guidance {args.guidance}", flush=True)
-    settings = [("baseline fp32 eager", torch.float32, False)]
+    want = set(args.variants.split(","))
+    settings = [("baseline fp32 eager", torch.float32, False)] if "baseline" in want else []
     if dev.type == "cuda":
-        settings += [("bf16 channels_last", torch.bfloat16, False), ("bf16 + torch.compile", torch.bfloat16, True)]
+        settings += [s for k, s in (("bf16", ("bf16 channels_last", torch.bfloat16, False)),
+                                    ("compile", ("bf16 + torch.compile", torch.bfloat16, True))) if k in want]
     res = {"device": name, "size": args.size, "side": args.side, "steps": args.steps, "guidance": args.guidance}
     for label, dtype, comp in settings:
         model = build(args, dtype, comp, dev)
-        for B in args.batches:
+        batches = args.baseline_batches if (dtype == torch.float32 and args.baseline_batches) else args.batches
+        for B in batches:
             cfg = SampleConfig(steps=args.steps, guidance=args.guidance, batch_size=B)
             prompts = [["a red torus", "a blue cube", "a green cone on top of a white cylinder"][i % 3]
                        for i in range(B)]
@@ -99,8 +106,12 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     for B in args.batches:
+        if f"baseline fp32 eager | batch {B}" not in res:
+            continue
         base = res[f"baseline fp32 eager | batch {B}"]["s_per_sample"]
         for label, _, _ in settings[1:]:
+            if f"{label} | batch {B}" not in res:
+                continue
             print(f"batch {B}: {label} vs baseline: {base / res[f'{label} | batch {B}']['s_per_sample']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

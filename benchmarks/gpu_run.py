@@ -55,9 +55,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--train-minutes", type=float, default=15.0)
+    ap.add_argument("--train-until", type=float, default=None, metavar="EPOCH",
+                    help="stop training by this wall-clock time (seconds since the epoch) whatever --train-minutes "
+                         "says, so that the samples are made inside a fixed machine lease")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--sample-every", type=int, default=1000, help="preview samples every k steps")
     ap.add_argument("--fit-batch", type=int, default=32, help="objects fitted together")
+    ap.add_argument("--psnr-floor", type=float, default=20.0, help="prune_check's held-out PSNR floor (dB)")
     ap.add_argument("--only", choices=["data", "train", "sample"], default=None)
     ap.add_argument("--wait-for", default=None, metavar="FILE",
                     help="after generating (CPU), wait until FILE exists before using the GPU (e.g. a benchmark "
@@ -124,7 +128,10 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     rows = fit_chunk(items, root / "procedural", root / "fits", fcfg, device=DEV, progress=True)
     table = pd.DataFrame(rows)
     gio.write_parquet(root / "fits" / "metrics.parquet", table)
-    ok = table[(table["status"] == "ok") & (table["psnr"] >= 20.0)]  # prune_check's PSNR floor
+    ok = table[(table["status"] == "ok") & (table["psnr"] >= args.psnr_floor)]  # prune_check's PSNR floor
+    if ok.empty:
+        raise SystemExit(f"fit: none of {len(table)} fits reached {args.psnr_floor} dB held-out PSNR; see "
+                         f"{root / 'fits' / 'metrics.parquet'}")
     summary["fit_s"] = time.perf_counter() - t
     summary["fit"] = {"n": len(table), "n_ok": len(ok), "psnr_mean": float(ok["psnr"].mean()),
                       "psnr_min": float(ok["psnr"].min()), "n_gaussians_mean": float(ok["n_gaussians"].mean()),
@@ -158,11 +165,15 @@ def train_phase(args, root: Path, acfg, summary: dict, save) -> None:
     from gaussian_atlas.model import ModelConfig
     from gaussian_atlas.train import TrainConfig, load_train_data, train
 
+    minutes = args.train_minutes
+    if args.train_until is not None:
+        minutes = max(0.5, min(minutes, (args.train_until - time.time()) / 60))
+        log(f"train: {minutes:.2f} min budget (until {time.strftime('%H:%M:%S', time.localtime(args.train_until))})")
     data = load_train_data(root / "atlas", root / "stats.npz", root / "procedural", acfg, render_resolution=32)
     cfg = TrainConfig(model=ModelConfig(size=args.size, sample_size=args.side, max_length=16), steps=1_000_000,
                       batch_size=args.batch, lr=args.lr, lr_warmup=200, ema_decay=0.999, lambda_rgb=0.1,
                       lambda_mask=0.1, render_every=4, render_resolution=32, checkpoint_every=1000,
-                      keep_checkpoints=1, log_every=25, max_minutes=args.train_minutes, compile=args.compile,
+                      keep_checkpoints=1, log_every=25, max_minutes=minutes, compile=args.compile,
                       sample_every=args.sample_every, sample_steps=20, sample_views=4, sample_resolution=96)
     hist = (root / "history.jsonl").open("a")
     (root / "previews").mkdir(exist_ok=True)
