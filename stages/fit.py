@@ -2,7 +2,9 @@
 
     python -m stages.fit --data data/ingested --out data/fits
 
-Reads ``params.yaml: fit``. Objects are fitted in chunks handed to a Prefect task
+Reads ``params.yaml: fit``; ``fit.method`` picks the fitter: ``plain`` (free Gaussians,
+gsplat densification) or ``anchors`` (the paper's Scaffold-GS-style anchors, baked into
+the same PLYs). Objects are fitted in chunks handed to a Prefect task
 runner (threads by default, Dask with ``fit.runner: dask``), several objects per
 GPU batch (``fit.batch_objects``). Per object: ``<out>/objects/<shard>/<id>.ply``
 (INRIA layout) and ``<id>.json`` (metrics), written atomically; finished objects
@@ -16,10 +18,25 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stages.common import StageError, load_params, main_guard, stage_run
 
+if TYPE_CHECKING:
+    from gaussian_atlas.fit import FitConfig
+
 RUNNER_KEYS = ("runner", "workers", "dask_address", "chunk_size", "device")
+
+
+def fit_config(section: dict) -> tuple["FitConfig", dict]:
+    """``params.yaml: fit`` -> (the fit's :class:`FitConfig`, the runner keys). ``method`` picks the
+    fitter (``plain`` | ``anchors``, the latter configured by the nested ``anchors:`` section)."""
+    from gaussian_atlas.config import from_dict
+    from gaussian_atlas.fit import FitConfig
+
+    section = dict(section)
+    run = {k: section.pop(k) for k in RUNNER_KEYS if k in section}
+    return from_dict(FitConfig, section, "params.yaml: fit"), run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,13 +54,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from flows.fanout import fan_out
     from gaussian_atlas import io as gio
-    from gaussian_atlas.config import from_dict, to_dict
+    from gaussian_atlas.config import to_dict
     from gaussian_atlas.data import load_manifest
-    from gaussian_atlas.fit import FitConfig, fit_chunk
+    from gaussian_atlas.fit import fit_chunk
 
-    section = dict(load_params("fit", args.params))
-    run = {k: section.pop(k) for k in RUNNER_KEYS if k in section}
-    cfg = from_dict(FitConfig, section, "params.yaml: fit")
+    cfg, run = fit_config(load_params("fit", args.params))
     device = run.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         reports = Path(args.reports)
         for pic in fit_pictures(table, Path(args.data), out, manifest, reports):
             mlflow.log_artifact(str(pic))
-    print(f"fit: {metrics['n_ok']}/{metrics['n_objects']} objects, mean PSNR {metrics['psnr_mean']:.2f} dB, "
+    print(f"fit ({cfg.method}): {metrics['n_ok']}/{metrics['n_objects']} objects, mean PSNR {metrics['psnr_mean']:.2f} dB, "
           f"mean {metrics['n_gaussians_mean']:.0f} Gaussians, {seconds:.1f} s on {device} -> {out}")
 
 

@@ -34,12 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .anchors import AnchorConfig
 from .gaussians import Gaussians, rgb_to_sh0
 from .prune import BoundedVisibilityStrategy, blending_weights
 from .render import render
 
-__all__ = ["DensifyConfig", "FitConfig", "FitInput", "FitResult", "fit_objects", "init_gaussians",
-           "load_lpips", "ssim", "psnr"]
+__all__ = ["METHODS", "DensifyConfig", "FitConfig", "FitInput", "FitResult", "PackedViews", "fit_objects",
+           "init_gaussians", "load_lpips", "pack_views", "photometric_loss", "ssim", "psnr"]
+
+METHODS = ("plain", "anchors")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,12 @@ class FitConfig:
     lambda_* : loss weights (λ_lpips > 0 needs LPIPS weights on disk: ``lpips_weights``).
     batch_objects : objects fitted together (packed in space); 1 on CPU.
     resolution : fit at this image side (images are resized once); 0 = as rendered.
+    method : ``"plain"`` (free Gaussians + gsplat densification + the visibility bound) or
+        ``"anchors"`` (Scaffold-GS anchors with view-independent MLPs, baked after fitting:
+        :mod:`gaussian_atlas.anchors`, settings in ``anchors``). ``densify`` and the
+        ``lr_*`` of free Gaussians apply to ``"plain"`` only.
+    max_seconds : wall-clock budget of one :func:`fit_objects` call (the whole batch);
+        the loop stops after the step that reaches it (0 = no budget: ``steps`` steps).
     """
 
     steps: int = 1500
@@ -96,10 +105,17 @@ class FitConfig:
     resolution: int = 0
     spacing: float = 100.0
     seed: int = 0
+    method: str = "plain"
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tau < 1 or self.steps < 1 or self.views_per_step < 1 or self.holdout_every < 2:
             raise ValueError("fit: tau, steps, views_per_step must be >= 1 and holdout_every >= 2")
+        if self.method not in METHODS:
+            raise ValueError(f"fit: unknown method {self.method!r}; choose one of {METHODS}")
+        if self.max_seconds < 0:
+            raise ValueError(f"fit: max_seconds must be >= 0, got {self.max_seconds}")
 
 
 @dataclass
@@ -127,6 +143,7 @@ class FitResult:
     id: str
     gaussians: Gaussians  # [N] on CPU, with visibility
     metrics: dict[str, Any]
+    model: Any = None  # method "anchors": the object's AnchorModel (at the origin, on CPU) the Gaussians were baked from
 
 
 # --------------------------------------------------------------------------- image metrics
@@ -258,54 +275,133 @@ def _resize(obj: FitInput, side: int) -> FitInput:
                     obj.surface_normals)
 
 
-def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch.device = "cpu",
-                progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
-                ) -> list[FitResult]:
-    """Fit every object of ``objects`` together (packed in space; all must share one image size).
+@dataclass
+class PackedViews:
+    """Every object's images and cameras for one packed fit (object ``b`` shifted by ``offsets[b]`` along x).
 
-    Returns one :class:`FitResult` per object, in order, with ``n_gaussians ≤ cfg.tau``
-    and held-out ``psnr``/``ssim`` in its metrics.
+    Built by :func:`pack_views`; shared by both fitting methods.
     """
-    from gsplat.strategy import DefaultStrategy
-    from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    device = torch.device(device)
+    width: int
+    height: int
+    offsets: Tensor  # [B] packing offset of each object along x (CPU)
+    train_idx: list[np.ndarray]  # B × [V_train] view indices trained on
+    test_idx: list[np.ndarray]  # B × [V_test] held-out view indices (never trained on)
+    rgb: list[Tensor]  # B × [V, H, W, 3] on the device
+    alpha: list[Tensor]  # B × [V, H, W]
+    c2w: list[Tensor]  # B × [V, 4, 4], shifted by the object's offset
+    K: list[Tensor]  # B × [V, 3, 3]
+
+    def cameras(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Cameras of ``views[b]`` of every object b, concatenated: ``[ΣV_b, 4, 4]``, ``[ΣV_b, 3, 3]``."""
+        return (torch.cat([self.c2w[b][v] for b, v in enumerate(views)]),
+                torch.cat([self.K[b][v] for b, v in enumerate(views)]))
+
+    def targets(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Reference images of ``views``: rgb ``[ΣV_b, H, W, 3]``, alpha ``[ΣV_b, H, W]``."""
+        return (torch.cat([self.rgb[b][v] for b, v in enumerate(views)]),
+                torch.cat([self.alpha[b][v] for b, v in enumerate(views)]))
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+        """``n`` random training views of every object (without replacement)."""
+        return [rng.choice(t, size=min(n, len(t)), replace=False) for t in self.train_idx]
+
+    @torch.no_grad()
+    def holdout(self, b: int, g: Gaussians) -> dict[str, Any]:
+        """Held-out PSNR / SSIM of object ``b``'s Gaussians ``g`` (at the origin, on the device)."""
+        tv = torch.as_tensor(self.test_idx[b], device=self.rgb[b].device)
+        c2w = self.c2w[b][tv].clone()
+        c2w[:, 0, 3] -= float(self.offsets[b])
+        pred = render(g, c2w, self.K[b][tv], self.width, self.height, background=1.0).rgb.clamp(0, 1)
+        gt = self.rgb[b][tv]
+        return {"psnr": float(psnr(pred, gt)), "ssim": float(ssim(pred, gt)), "n_test_views": len(tv),
+                "width": self.width, "height": self.height}
+
+
+def pack_views(objects: Sequence[FitInput], cfg: FitConfig, device: torch.device
+               ) -> tuple[list[FitInput], PackedViews]:
+    """Resize the objects to ``cfg.resolution``, split views into train / held-out, shift cameras by the packing.
+
+    Returns the resized objects and their :class:`PackedViews`. Raises ``ValueError``
+    when the objects do not share one image size. The caller's cameras are not modified.
+    """
     objects = [_resize(o, cfg.resolution) for o in objects]
     sizes = {o.rgb.shape[1:3] for o in objects}
     if len(sizes) != 1:
         raise ValueError(f"objects fitted together must share one image size, got {sorted(sizes)}")
     (H, W), B = sizes.pop(), len(objects)
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    # Per object: cameras shifted by its packing offset; views split into train / held-out.
     offsets = torch.arange(B, dtype=torch.float32) * cfg.spacing  # [B]
-    shift = torch.zeros(B, 4, 4)
-    shift[:, 0, 3] = offsets
-    train_idx, test_idx = [], []
-    rgb, alpha, c2w, K = [], [], [], []
+    train_idx, test_idx, rgb, alpha, c2w, K = [], [], [], [], [], []
     for b, o in enumerate(objects):
         V = len(o.rgb)
         test = np.arange(V)[::cfg.holdout_every] if V >= cfg.holdout_every else np.array([0])
         train = np.setdiff1d(np.arange(V), test) if V > 1 else np.arange(V)
         train_idx.append(train)
         test_idx.append(test)
-        rgb.append(torch.from_numpy(o.rgb).float())
-        alpha.append(torch.from_numpy(o.alpha).float())
+        rgb.append(torch.from_numpy(o.rgb).float().to(device))
+        alpha.append(torch.from_numpy(o.alpha).float().to(device))
         m = torch.tensor(o.c2w, dtype=torch.float32)  # a copy: the caller's cameras stay unshifted
-        m[:, :3, 3] += shift[b, :3, 3]
-        c2w.append(m)
-        K.append(torch.from_numpy(o.K).float())
-    rgb = [t.to(device) for t in rgb]  # B × [V, H, W, 3]
-    alpha = [t.to(device) for t in alpha]  # B × [V, H, W]
-    c2w = [t.to(device) for t in c2w]  # B × [V, 4, 4]
-    K = [t.to(device) for t in K]  # B × [V, 3, 3]
+        m[:, 0, 3] += offsets[b]
+        c2w.append(m.to(device))
+        K.append(torch.from_numpy(o.K).float().to(device))
+    return objects, PackedViews(W, H, offsets, train_idx, test_idx, rgb, alpha, c2w, K)
+
+
+def photometric_loss(out: Any, gt_rgb: Tensor, gt_alpha: Tensor, scales: Tensor, cfg: FitConfig,
+                     lpips_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The fitting loss (paper Eq. 2, plus λ_mask): returns ``(loss, l1)``.
+
+    out : a :class:`~gaussian_atlas.render.RenderOutput` of ``[C, H, W, ...]`` images;
+    gt_rgb ``[C, H, W, 3]``, gt_alpha ``[C, H, W]``; scales ``[N, 3]`` activated
+    scales of the rendered Gaussians (the λ_reg term is their mean).
+    """
+    l1 = torch.abs(out.rgb - gt_rgb).mean()
+    loss = cfg.lambda_rgb * l1
+    if cfg.lambda_ssim > 0:
+        loss = loss + cfg.lambda_ssim * (1.0 - ssim(out.rgb, gt_rgb))
+    if lpips_fn is not None:
+        loss = loss + cfg.lambda_lpips * lpips_fn(out.rgb, gt_rgb)
+    if cfg.lambda_mask > 0:
+        loss = loss + cfg.lambda_mask * torch.abs(out.alpha[..., 0] - gt_alpha).mean()
+    if cfg.lambda_reg > 0 and scales.numel():
+        loss = loss + cfg.lambda_reg * scales.mean()
+    return loss, l1
+
+
+def out_of_time(cfg: FitConfig, t0: float) -> bool:
+    """True once ``cfg.max_seconds`` (> 0) have passed since ``t0`` (``time.perf_counter``)."""
+    return cfg.max_seconds > 0 and time.perf_counter() - t0 >= cfg.max_seconds
+
+
+def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch.device = "cpu",
+                progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                ) -> list[FitResult]:
+    """Fit every object of ``objects`` together (packed in space; all must share one image size).
+
+    Returns one :class:`FitResult` per object, in order, with ``n_gaussians ≤ cfg.tau``
+    and held-out ``psnr``/``ssim`` in its metrics. ``cfg.method`` picks the fitter:
+    ``"anchors"`` runs :func:`gaussian_atlas.anchors.fit_anchors` (same inputs, outputs,
+    metrics; the anchor model baked into Gaussians). ``on_step(step, {"loss", "l1",
+    "n_gaussians"})`` is called after every step.
+    """
+    if cfg.method == "anchors":
+        from .anchors import fit_anchors
+
+        return fit_anchors(objects, cfg, device=device, progress=progress, on_step=on_step)
+    from gsplat.strategy import DefaultStrategy
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    objects, pv = pack_views(objects, cfg, device)
+    W, H, B, offsets = pv.width, pv.height, len(objects), pv.offsets
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
 
     # Initial Gaussians of every object, concatenated; means carry the packing offset.
     init = []
     for b, o in enumerate(objects):
-        g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng, views=train_idx[b])
+        g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng, views=pv.train_idx[b])
         g.means = g.means + torch.tensor([float(offsets[b]), 0.0, 0.0])
         init.append(g)
     g0 = Gaussians.cat(init)
@@ -339,14 +435,9 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         return (p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                 torch.clamp(0.5 + 0.28209479177387814 * p["sh0"], min=0.0))
 
-    def cameras(views: list[np.ndarray]) -> tuple[Tensor, Tensor]:
-        return (torch.cat([c2w[b][v] for b, v in enumerate(views)]),  # [sum V_b, 4, 4]
-                torch.cat([K[b][v] for b, v in enumerate(views)]))
-
     def measure_visibility(p: dict[str, Tensor]) -> Tensor:
         """Blending weights over randomly chosen training views of every object: ``[N]``."""
-        views = [rng.choice(t, size=min(cfg.measure_views, len(t)), replace=False) for t in train_idx]
-        cw, kk = cameras(views)
+        cw, kk = pv.cameras(pv.sample(rng, cfg.measure_views))
         m, q, s, o, _ = activated(p)
         return blending_weights(render, m, q, s, o, cw, kk, W, H)
 
@@ -357,12 +448,12 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         lpips_fn, lpips_status = load_lpips(cfg.lpips_weights, device)
 
     bar = tqdm(range(cfg.steps), desc=f"fit {B} object(s)", unit="step", disable=not progress)
+    steps_done = 0
     for step in bar:
         # 1. pick views_per_step random training views of every object
-        views = [rng.choice(t, size=min(cfg.views_per_step, len(t)), replace=False) for t in train_idx]
-        cw, kk = cameras(views)
-        gt_rgb = torch.cat([rgb[b][v] for b, v in enumerate(views)])  # [C, H, W, 3]
-        gt_alpha = torch.cat([alpha[b][v] for b, v in enumerate(views)])  # [C, H, W]
+        views = pv.sample(rng, cfg.views_per_step)
+        cw, kk = pv.cameras(views)
+        gt_rgb, gt_alpha = pv.targets(views)  # [C, H, W, 3], [C, H, W]
 
         # 2. render them all in one call (white background, like the references)
         out = render(activated(params), cw, kk, W, H, background=1.0)
@@ -371,16 +462,7 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         strategy.step_pre_backward(params, optimizers, state, step, info)
 
         # 3. the fitting loss
-        l1 = torch.abs(out.rgb - gt_rgb).mean()
-        loss = cfg.lambda_rgb * l1
-        if cfg.lambda_ssim > 0:
-            loss = loss + cfg.lambda_ssim * (1.0 - ssim(out.rgb, gt_rgb))
-        if lpips_fn is not None:
-            loss = loss + cfg.lambda_lpips * lpips_fn(out.rgb, gt_rgb)
-        if cfg.lambda_mask > 0:
-            loss = loss + cfg.lambda_mask * torch.abs(out.alpha[..., 0] - gt_alpha).mean()
-        if cfg.lambda_reg > 0:
-            loss = loss + cfg.lambda_reg * torch.exp(params["scales"]).mean()
+        loss, l1 = photometric_loss(out, gt_rgb, gt_alpha, torch.exp(params["scales"]), cfg, lpips_fn)
         loss.backward()
 
         # 4. optimiser step, then densify / prune / bound
@@ -390,15 +472,18 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         for group in optimizers["means"].param_groups:
             group["lr"] *= means_decay
         strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+        steps_done = step + 1
         if on_step is not None:
             on_step(step, {"loss": float(loss.detach()), "l1": float(l1.detach()), "n_gaussians": len(params["means"])})
         if progress and step % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", n=len(params["means"]))
+        if out_of_time(cfg, t0):
+            break
     bar.close()
 
     # Final visibility over every training view (recorded in the PLY; the atlas keeps the most visible).
     with torch.no_grad():
-        cw, kk = cameras(train_idx)
+        cw, kk = pv.cameras(pv.train_idx)
         m, q, s, o, _ = activated(params)
         params["visibility"].data.copy_(blending_weights(render, m, q, s, o, cw, kk, W, H))
 
@@ -414,13 +499,9 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
                           quats=params["quats"][sel], log_scales=params["scales"][sel],
                           opacity_logits=params["opacities"][sel], sh0=params["sh0"][sel],
                           visibility=params["visibility"][sel]).detach().to("cpu")
-            tv = torch.as_tensor(test_idx[b], device=device)
-            test_c2w = c2w[b][tv].clone()
-            test_c2w[:, 0, 3] -= offsets[b]
-            pred = render(g.to(device), test_c2w, K[b][tv], W, H, background=1.0).rgb.clamp(0, 1)
             results.append(FitResult(o.id, g, {
-                "n_gaussians": len(g), "psnr": float(psnr(pred, rgb[b][tv])), "ssim": float(ssim(pred, rgb[b][tv])),
-                "steps": cfg.steps, "seconds": seconds / B, "n_test_views": len(tv), "width": W, "height": H,
+                "n_gaussians": len(g), **pv.holdout(b, g.to(device)),
+                "steps": steps_done, "seconds": seconds / B, "method": "plain",
                 "bound_events": int(state["n_bound_events"]), "lpips": lpips_status,
             }))
     return results
@@ -433,8 +514,11 @@ def config_hash(cfg: FitConfig) -> str:
     """Content hash of the fit settings and of the fitting code.
 
     A finished object is reused only when both are unchanged: a new version of
-    the fitter (this module, the strategy, the renderer, the PLY writer)
-    re-fits instead of silently keeping old results.
+    the fitter (this module, the strategy, the renderer, the PLY writer, and for
+    ``method: anchors`` the anchor module) re-fits instead of silently keeping old
+    results. Settings a method does not read are left out, so retuning
+    ``fit.anchors`` keeps finished plain fits (and the reverse for ``fit.densify``),
+    as is ``max_seconds`` when 0 (no budget).
     """
     import dataclasses
     import hashlib
@@ -442,12 +526,23 @@ def config_hash(cfg: FitConfig) -> str:
     import sys
     from pathlib import Path
 
-    from . import gaussians, prune, render as render_mod
+    from . import anchors, gaussians, prune, render as render_mod
 
     d = dataclasses.asdict(cfg)
     d.pop("batch_objects", None)  # how objects are grouped does not change a fit's definition
+    mods = [sys.modules[__name__], prune, render_mod, gaussians]
+    if cfg.method == "plain":
+        for k in ("method", "anchors"):
+            d.pop(k)
+    else:
+        for k in ("densify", "init_opacity", "lr_means", "lr_means_final", "lr_scales", "lr_quats", "lr_opacities",
+                  "lr_sh0"):
+            d.pop(k)
+        mods.append(anchors)
+    if not cfg.max_seconds:
+        d.pop("max_seconds")
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
-    for mod in (sys.modules[__name__], prune, render_mod, gaussians):
+    for mod in mods:
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

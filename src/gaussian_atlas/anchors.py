@@ -1,0 +1,610 @@
+"""Anchor-based fitting: Scaffold-GS with view-independent MLPs, the paper's fitter (Sec. 3).
+
+    "We build our fitting model upon the state-of-the-art, Scaffold-GS, along with
+    non-trivial modifications. First, we exclude view properties from the MLP
+    predictors for attribute querying [...]. Second, we propose constraining the
+    number of Gaussians per fitting [...] we apply the same ranking and pruning
+    based on the tracked visibility of anchors. Final Gaussians for pruning are
+    selected by averaging the ranks from both tracking metrics."
+
+The model (Scaffold-GS, Lu et al. 2024, with the view input removed):
+
+- **anchors** on a voxel grid of side ``voxel_size``: position ``x_v`` (fixed),
+  feature ``f_v`` ``[F]``, scaling ``l_v = exp(scaling_v)`` ``[6]`` and ``k`` offsets
+  ``O_v`` ``[k, 3]``; all learnable but the position;
+- each anchor spawns ``k`` **neural Gaussians**: centres ``x_v + O_v,i · l_v[:3]``,
+  and from three small MLPs of ``f_v`` *only* (no view direction, no distance, so the
+  attributes are constants and can be baked): opacity ``tanh`` (a neural Gaussian with
+  opacity ``<= 0`` is not drawn), scale ``l_v[3:] · sigmoid(·)``, rotation (normalised
+  quaternion), colour ``sigmoid``. The MLPs are Scaffold-GS's Linear-ReLU-Linear of
+  width ``F``; objects packed into one fit each get their own copy (:class:`AnchorMLPs`);
+- **growing** every ``refine_every`` steps: neural Gaussians whose mean screen-space
+  gradient exceeds ``grow_grad2d`` (gsplat's normalisation, as the plain fitter) propose
+  their voxel, at ``grow_levels`` grid levels (side ``voxel_size / 2^i``, threshold
+  ``grow_grad2d · 2^i``), and a new anchor is placed in every proposed voxel no anchor
+  occupies yet (feature: mean of the proposing anchors', scaling ``log`` of the voxel
+  side, offsets 0), at most ``max_grow_fraction`` of the anchors at a time;
+- **anchor pruning** at the same steps: anchors whose neural Gaussians' summed opacity
+  averaged over the interval is below ``prune_opa``;
+- **the bound** (:func:`rank_average_bound`): the count that is bounded is the number of
+  *live* neural-Gaussian slots (a pruned slot is never drawn again, so at most that many
+  Gaussians are drawn or baked); whenever an object has more than ``τ``, visibility
+  (total blending weight Σ α·T over ``fit.measure_views`` random training views, as the
+  plain fitter's) is measured per neural Gaussian, an anchor's visibility is the sum of
+  its Gaussians', both are ranked, and the Gaussians with the best *average* of the two
+  (normalised) ranks are kept. Anchors left with no live slot are removed. It runs after
+  growing and once more after the last step.
+
+After fitting, :meth:`AnchorModel.bake` evaluates the MLPs once and writes plain 3DGS
+parameters (the same :class:`~gaussian_atlas.gaussians.Gaussians`, hence the same INRIA
+PLY as the plain fitter); they render the same images as the anchor model.
+
+Everything else (view sampling, loss, packing of several objects, held-out metrics,
+resume and quarantine in :func:`gaussian_atlas.fit.fit_chunk`) is the plain fitter's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gaussians import Gaussians, rgb_to_sh0
+from .prune import blending_weights, rank_within_groups
+from .render import ALPHA_THRESHOLD, render
+
+if TYPE_CHECKING:  # fit.py imports this module for AnchorConfig: no runtime import back
+    from .fit import FitConfig, FitInput, FitResult
+
+__all__ = ["AnchorConfig", "AnchorMLPs", "AnchorModel", "fit_anchors", "grow_anchors", "init_anchors",
+           "rank_average_bound", "voxelize"]
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """``params.yaml: fit.anchors``: the anchor fitter (used when ``fit.method: anchors``).
+
+    n_offsets : k neural Gaussians per anchor (Scaffold-GS: 10).
+    feat_dim : anchor feature size = MLP width (Scaffold-GS: 32).
+    voxel_size : anchor grid side in world units (objects lie in the unit ball).
+    lr_* : Adam learning rates; offsets and MLPs decay exponentially to ``*_final``.
+    grow_grad2d : mean screen-space gradient above which a neural Gaussian proposes a new anchor.
+    grow_levels : grid levels tried when growing (side voxel_size / 2^i, threshold grow_grad2d · 2^i).
+    max_grow_fraction : at most this fraction of the current anchors is added per growing step.
+    prune_opa : anchors whose neural Gaussians' summed opacity averages below this are removed.
+    refine_start_iter, refine_stop_iter, refine_every : growing / pruning / bound schedule (steps).
+    """
+
+    n_offsets: int = 10
+    feat_dim: int = 32
+    voxel_size: float = 0.04
+    lr_features: float = 0.0075
+    lr_scaling: float = 0.007
+    lr_offsets: float = 0.01
+    lr_offsets_final: float = 0.0001
+    lr_mlp: float = 0.004
+    lr_mlp_final: float = 0.00004
+    grow_grad2d: float = 0.0002
+    grow_levels: int = 2
+    max_grow_fraction: float = 0.25
+    prune_opa: float = 0.005
+    refine_start_iter: int = 50
+    refine_stop_iter: int = 1500
+    refine_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.n_offsets < 1 or self.feat_dim < 1 or self.voxel_size <= 0 or self.grow_levels < 0:
+            raise ValueError("fit.anchors: n_offsets, feat_dim >= 1, voxel_size > 0, grow_levels >= 0")
+        if self.refine_every < 1:
+            raise ValueError("fit.anchors: refine_every must be >= 1")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _linear(n_groups: int, fan_in: int, fan_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """``n_groups`` independent ``nn.Linear(fan_in, fan_out)`` (torch's default init) as ``[G, in, out]``, ``[G, out]``."""
+    ws, bs = [], []
+    for _ in range(n_groups):
+        lin = nn.Linear(fan_in, fan_out)
+        ws.append(lin.weight.detach().T)
+        bs.append(lin.bias.detach())
+    return nn.Parameter(torch.stack(ws)), nn.Parameter(torch.stack(bs))
+
+
+class AnchorMLPs(nn.Module):
+    """Scaffold-GS's opacity / covariance / colour MLPs of the anchor feature alone, one copy per object.
+
+    Each is ``Linear(F, F) → ReLU → Linear(F, out)`` with ``out`` = k (opacity, tanh),
+    7k (3 scale factors through a sigmoid + a quaternion) and 3k (colour, sigmoid).
+    The weights of ``n_groups`` objects are stacked (``[G, ...]``) and evaluated as one
+    batched matmul; with ``n_groups = 1`` this is exactly three ``nn.Linear`` MLPs.
+    """
+
+    def __init__(self, n_groups: int, feat_dim: int, n_offsets: int) -> None:
+        super().__init__()
+        self.n_groups, self.feat_dim, self.n_offsets = n_groups, feat_dim, n_offsets
+        hidden = [_linear(n_groups, feat_dim, feat_dim) for _ in range(3)]
+        self.w1 = nn.Parameter(torch.cat([w for w, _ in hidden], dim=2))  # [G, F, 3F]
+        self.b1 = nn.Parameter(torch.cat([b for _, b in hidden], dim=1))  # [G, 3F]
+        self.w_opacity, self.b_opacity = _linear(n_groups, feat_dim, n_offsets)  # [G, F, k], [G, k]
+        self.w_cov, self.b_cov = _linear(n_groups, feat_dim, 7 * n_offsets)  # [G, F, 7k], [G, 7k]
+        self.w_color, self.b_color = _linear(n_groups, feat_dim, 3 * n_offsets)  # [G, F, 3k], [G, 3k]
+
+    def forward(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # feats [G, M, F]
+        """Raw heads of grouped features: opacity ``[G, M, k]`` (tanh), cov ``[G, M, 7k]``, colour ``[G, M, 3k]`` (sigmoid)."""
+        h = torch.relu(torch.baddbmm(self.b1[:, None], feats, self.w1))  # [G, M, 3F]
+        h_o, h_c, h_k = h.split(self.feat_dim, dim=-1)
+        opacity = torch.tanh(torch.baddbmm(self.b_opacity[:, None], h_o, self.w_opacity))
+        cov = torch.baddbmm(self.b_cov[:, None], h_c, self.w_cov)
+        color = torch.sigmoid(torch.baddbmm(self.b_color[:, None], h_k, self.w_color))
+        return opacity, cov, color
+
+    def select(self, g: int) -> "AnchorMLPs":
+        """A detached copy holding object ``g``'s MLPs only (``n_groups = 1``)."""
+        out = AnchorMLPs.__new__(AnchorMLPs)
+        nn.Module.__init__(out)
+        out.n_groups, out.feat_dim, out.n_offsets = 1, self.feat_dim, self.n_offsets
+        for name, p in self.named_parameters():
+            setattr(out, name, nn.Parameter(p.detach()[g:g + 1].clone()))
+        return out
+
+
+def _group_layout(groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad anchors into ``[G, M]`` by object: (padded index into A, A for padding; group; slot within group).
+
+    ``groups`` ``[A]`` long in ``[0, G)``. Row ``i`` of the anchors is at
+    ``[group[i], pos[i]]`` of the padded layout.
+    """
+    A = groups.shape[0]
+    counts = torch.bincount(groups, minlength=n_groups)  # [G]
+    order = torch.argsort(groups, stable=True)  # [A]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(groups)
+    pos[order] = torch.arange(A, device=groups.device) - starts[groups[order]]
+    M = int(counts.max()) if A else 0
+    pad = torch.full((n_groups, max(M, 1)), A, dtype=torch.long, device=groups.device)
+    pad[groups, pos] = torch.arange(A, device=groups.device)
+    return pad, groups, pos
+
+
+@dataclass(eq=False)
+class AnchorModel:
+    """Anchors, their neural-Gaussian slots and the MLPs (pre-activation, like :class:`Gaussians`).
+
+    Attributes
+    ----------
+    anchors : ``[A, 3]`` positions (fixed).
+    features : ``[A, F]``.
+    scaling : ``[A, 6]`` log; ``[:3]`` scales the offsets, ``[3:]`` the Gaussians.
+    offsets : ``[A, k, 3]``.
+    alive : ``[A, k]`` bool; a pruned slot (False) is never drawn.
+    groups : ``[A]`` long, the object of each anchor (0 for one object).
+    mlps : :class:`AnchorMLPs` with one copy per group.
+    """
+
+    anchors: Tensor  # [A, 3]
+    features: Tensor  # [A, F]
+    scaling: Tensor  # [A, 6]
+    offsets: Tensor  # [A, k, 3]
+    alive: Tensor  # [A, k] bool
+    groups: Tensor  # [A] long
+    mlps: AnchorMLPs
+
+    def __len__(self) -> int:
+        return int(self.anchors.shape[0])
+
+    def neural(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Activated attributes of every slot: means ``[A, k, 3]``, quats ``[A, k, 4]`` (unit),
+        scales ``[A, k, 3]``, opacities ``[A, k]`` (tanh, in (-1, 1)), colours ``[A, k, 3]``."""
+        A, k = self.offsets.shape[:2]
+        pad, g, pos = _group_layout(self.groups, self.mlps.n_groups)
+        feats = torch.cat([self.features, self.features.new_zeros(1, self.features.shape[1])])[pad]  # [G, M, F]
+        op, cov, col = (t[g, pos] for t in self.mlps(feats))  # back to anchor order: [A, k], [A, 7k], [A, 3k]
+        s = torch.exp(self.scaling)  # [A, 6]
+        means = self.anchors[:, None, :] + self.offsets * s[:, None, :3]  # [A, k, 3]
+        cov = cov.reshape(A, k, 7)
+        scales = s[:, None, 3:] * torch.sigmoid(cov[..., :3])  # [A, k, 3]
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0], device=cov.device, dtype=cov.dtype)
+        quats = F.normalize(cov[..., 3:] + identity, dim=-1)  # [A, k, 4]; identity at a zero output
+        return means, quats, scales, op, col.reshape(A, k, 3)
+
+    def drawn(self, min_opacity: float = 0.0) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """The Gaussians that are drawn: live slots with opacity ``> min_opacity``.
+
+        Returns the activated tuple ``(means [M, 3], quats [M, 4], scales [M, 3],
+        opacities [M], colours [M, 3])`` :func:`~gaussian_atlas.render.render` takes,
+        and their flat slot indices ``[M]`` (``anchor · k + j``).
+        """
+        means, quats, scales, op, col = self.neural()
+        idx = torch.nonzero((self.alive & (op > min_opacity)).reshape(-1)).squeeze(1)  # [M]
+        k = self.offsets.shape[1]
+        flat = lambda t: t.reshape(len(self) * k, *t.shape[2:])[idx]  # noqa: E731
+        return (flat(means), flat(quats), flat(scales), flat(op), flat(col)), idx
+
+    @torch.no_grad()
+    def bake(self) -> Gaussians:
+        """Evaluate the MLPs once: the drawn neural Gaussians as plain 3DGS parameters.
+
+        Slots with opacity under 1/255 are left out: the renderer (gsplat and ours)
+        culls them, so the baked Gaussians render the same images. Opacity is
+        written as its logit (clamped to [1e-6, 1 − 1e-6]), colour as SH DC.
+        """
+        (m, q, s, o, c), _ = self.drawn(min_opacity=ALPHA_THRESHOLD)
+        o = o.clamp(1e-6, 1 - 1e-6)
+        return Gaussians(means=m.clone(), quats=q.clone(), log_scales=torch.log(s), opacity_logits=torch.logit(o),
+                         sh0=rgb_to_sh0(c))
+
+    def select(self, g: int, shift: Sequence[float] = (0.0, 0.0, 0.0)) -> "AnchorModel":
+        """Object ``g`` alone (detached copy, ``n_groups = 1``), translated by ``shift``."""
+        sel = self.groups == g
+        d = torch.as_tensor(shift, dtype=self.anchors.dtype, device=self.anchors.device)
+        return AnchorModel(self.anchors[sel].detach() + d, self.features[sel].detach().clone(),
+                           self.scaling[sel].detach().clone(), self.offsets[sel].detach().clone(),
+                           self.alive[sel].clone(), torch.zeros(int(sel.sum()), dtype=torch.long,
+                                                                device=sel.device), self.mlps.select(g))
+
+    def to(self, device: Any) -> "AnchorModel":
+        return AnchorModel(self.anchors.to(device), self.features.to(device), self.scaling.to(device),
+                           self.offsets.to(device), self.alive.to(device), self.groups.to(device),
+                           self.mlps.to(device))
+
+
+# --------------------------------------------------------------------------- initialisation, growing, the bound
+
+
+def voxelize(points: Tensor, size: float) -> Tensor:
+    """Integer voxel coordinates ``round(p / size)`` of ``points`` ``[P, 3]`` → ``[P, 3]`` long."""
+    return torch.round(points / size).long()
+
+
+def init_anchors(obj: "FitInput", n_points: int, voxel_size: float, max_anchors: int,
+                 rng: np.random.Generator) -> Tensor:
+    """Initial anchor positions ``[A, 3]``: ``n_points`` mesh surface samples (else random points in
+    the unit ball), snapped to the voxel grid, one anchor per occupied voxel, at most
+    ``max_anchors`` (a random subset when more)."""
+    if obj.surface_points is not None and len(obj.surface_points):
+        idx = rng.choice(len(obj.surface_points), size=n_points, replace=len(obj.surface_points) < n_points)
+        pts = obj.surface_points[idx].astype(np.float32)
+    else:
+        d = rng.normal(size=(n_points, 3))
+        pts = (d / np.linalg.norm(d, axis=1, keepdims=True) * rng.random((n_points, 1)) ** (1 / 3)).astype(np.float32)
+    vox = torch.unique(voxelize(torch.from_numpy(pts), voxel_size), dim=0)  # [A, 3] sorted
+    if len(vox) > max_anchors:
+        vox = vox[torch.from_numpy(np.sort(rng.choice(len(vox), size=max_anchors, replace=False)))]
+    return vox.float() * voxel_size
+
+
+@torch.no_grad()
+def grow_anchors(anchors: Tensor, features: Tensor, slot_means: Tensor, grad2d: Tensor, count: Tensor,
+                 alive: Tensor, voxel_size: float, threshold: float, levels: int, max_new: int,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Scaffold-GS anchor growing: new anchors where neural Gaussians have large screen-space gradients.
+
+    anchors ``[A, 3]``, features ``[A, F]``, slot_means ``[A, k, 3]`` (the neural
+    Gaussians' centres), grad2d / count ``[A, k]`` (accumulated normalised gradient
+    norm and the number of views that drew the slot), alive ``[A, k]``.
+    At level ``i`` (side ``voxel_size / 2^i``, threshold ``threshold · 2^i``) each live slot
+    whose mean gradient exceeds the threshold proposes its voxel; voxels already
+    holding an anchor (or a new one of a coarser level) are skipped. A new anchor sits
+    on its voxel's grid point, its feature is the mean of its proposers' anchors' and
+    its scaling is ``log`` of the level's side. At most ``max_new`` new anchors, the
+    voxels with the largest gradient first.
+
+    Returns positions ``[n, 3]``, features ``[n, F]``, scaling ``[n, 6]`` (log).
+    """
+    A, k = alive.shape
+    avg = grad2d / count.clamp_min(1)  # [A, k]
+    new_pos, new_feat, new_scale, new_score = [], [], [], []
+    for i in range(levels):
+        size, thr = voxel_size / 2 ** i, threshold * 2 ** i
+        cand = alive & (count > 0) & (avg > thr)  # [A, k]
+        if not cand.any():
+            continue
+        a_idx, _ = torch.nonzero(cand, as_tuple=True)
+        keys = voxelize(slot_means[cand], size)  # [c, 3]
+        taken = voxelize(torch.cat([anchors] + new_pos), size)  # [A + n, 3]
+        uniq, inv = torch.unique(torch.cat([taken, keys]), dim=0, return_inverse=True)
+        occupied = torch.zeros(len(uniq), dtype=torch.bool, device=anchors.device)
+        occupied[inv[:len(taken)]] = True
+        inv_c = inv[len(taken):]  # [c] voxel of each candidate
+        free = ~occupied[inv_c]
+        if not free.any():
+            continue
+        inv_c, a_idx, score = inv_c[free], a_idx[free], avg[cand][free]
+        vox, slot = torch.unique(inv_c, return_inverse=True)  # new voxels [n], candidate -> new voxel
+        n = len(vox)
+        feat = torch.zeros(n, features.shape[1], device=features.device).index_add_(0, slot, features[a_idx])
+        feat = feat / torch.bincount(slot, minlength=n)[:, None].float()
+        best = torch.zeros(n, device=features.device).scatter_reduce_(0, slot, score, "amax", include_self=False)
+        new_pos.append(uniq[vox].float() * size)
+        new_feat.append(feat)
+        new_scale.append(torch.full((n, 6), math.log(size), device=anchors.device))
+        new_score.append(best)
+    if not new_pos:
+        return anchors.new_zeros(0, 3), features.new_zeros(0, features.shape[1]), anchors.new_zeros(0, 6)
+    pos, feat, scale, score = (torch.cat(t) for t in (new_pos, new_feat, new_scale, new_score))
+    if len(pos) > max_new:
+        top = torch.argsort(score, descending=True, stable=True)[:max(0, max_new)]
+        pos, feat, scale = pos[top], feat[top], scale[top]
+    return pos, feat, scale
+
+
+def rank_average_bound(slot_vis: Tensor, alive: Tensor, groups: Tensor, tau: int,
+                       drawn: Tensor | None = None) -> Tensor:
+    """The paper's bound for anchors: keep ``≤ tau`` live slots per object by the average of two ranks.
+
+    slot_vis ``[A, k]`` visibility of each neural Gaussian, alive ``[A, k]`` bool,
+    groups ``[A]`` long (object of each anchor), drawn ``[A, k]`` bool (slots drawn now,
+    i.e. with positive opacity; default: every live slot). In an object with more than
+    ``tau`` live slots, the live slots that are not drawn are released first (they are
+    no Gaussians now); then, among the ``N`` drawn ones, each gets its rank ``r_g`` by
+    visibility (0 = most visible), each anchor of the object its rank ``r_a`` among the
+    object's ``A_o`` anchors by anchor visibility (the sum over its drawn slots), and the
+    ``tau`` slots with the smallest average of the normalised ranks
+    ``(r_g / N + r_a(anchor) / A_o) / 2`` are kept (ties: the more visible slot, then the
+    lower index). Normalising makes the two ranks weigh the same although there are
+    ``k`` times more slots than anchors. Objects at or under ``tau`` keep every live slot.
+
+    Returns the new alive mask ``[A, k]`` (a subset of ``alive``).
+    """
+    A, k = alive.shape
+    keep = alive.clone()
+    slot_groups = groups[:, None].expand(A, k)
+    counts = torch.bincount(slot_groups[alive], minlength=int(groups.max()) + 1 if A else 0)
+    for g in torch.nonzero(counts > tau).flatten().tolist():
+        a_idx = torch.nonzero(groups == g).squeeze(1)  # [A_o]
+        if drawn is not None:
+            keep[a_idx] &= drawn[a_idx]
+        al = keep[a_idx]  # [A_o, k]
+        vis = torch.where(al, slot_vis[a_idx], torch.zeros_like(slot_vis[a_idx]))
+        zeros_a = torch.zeros(len(a_idx), dtype=torch.long, device=groups.device)
+        r_a = rank_within_groups(zeros_a, vis.sum(1))  # [A_o]
+        owner, j = torch.nonzero(al, as_tuple=True)  # live slots of the object
+        n = len(owner)
+        r_g = rank_within_groups(torch.zeros(n, dtype=torch.long, device=groups.device), vis[owner, j])  # [n]
+        key = r_g * len(a_idx) + r_a[owner] * n  # = 2 n A_o · average normalised rank, exact in integers
+        order = torch.argsort(r_g, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]  # by key, ties by r_g
+        drop = order[tau:]
+        keep[a_idx[owner[drop]], j[drop]] = False
+    return keep
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _append_rows(params: nn.ParameterDict, optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
+                 rows: dict[str, Tensor]) -> None:
+    """Append anchors: ``rows`` holds the new rows of every parameter and per-anchor state tensor.
+
+    Adam moments of the new rows start at zero; existing rows keep theirs.
+    """
+    for name, new in rows.items():
+        if name in state and isinstance(state[name], Tensor):
+            state[name] = torch.cat([state[name], new.to(state[name])])
+            continue
+        old = params[name]
+        p = nn.Parameter(torch.cat([old.detach(), new.to(old)]), requires_grad=old.requires_grad)
+        params[name] = p
+        opt = optimizers.get(name)
+        if opt is None:
+            continue
+        st = opt.state.pop(old, {})
+        for key, v in list(st.items()):
+            if key != "step" and isinstance(v, Tensor) and v.shape[:1] == old.shape[:1]:
+                st[key] = torch.cat([v, torch.zeros((len(new), *v.shape[1:]), device=v.device, dtype=v.dtype)])
+        opt.param_groups[0]["params"] = [p]
+        if st:
+            opt.state[p] = st
+
+
+def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | torch.device = "cpu",
+                progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
+                ) -> list["FitResult"]:
+    """Fit anchor models to ``objects`` (packed like the plain fitter) and bake them: ``fit.method: anchors``.
+
+    Same contract as :func:`gaussian_atlas.fit.fit_objects`: one
+    :class:`~gaussian_atlas.fit.FitResult` per object with ``n_gaussians ≤ cfg.tau`` baked
+    Gaussians (with visibility over every training view) and held-out ``psnr`` /
+    ``ssim`` of those baked Gaussians; ``FitResult.model`` holds the object's
+    :class:`AnchorModel`. Reads ``cfg.anchors`` and the shared keys (steps, tau,
+    init_points, views_per_step, measure_views, holdout_every, λ's, resolution,
+    spacing, seed, max_seconds).
+    """
+    from gsplat.strategy.ops import remove
+    from tqdm.auto import tqdm
+
+    from .fit import FitResult, load_lpips, out_of_time, pack_views, photometric_loss
+
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    ac = cfg.anchors
+    k = ac.n_offsets
+    objects, pv = pack_views(objects, cfg, device)
+    W, H, B = pv.width, pv.height, len(objects)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Anchors of every object, concatenated; positions carry the packing offset.
+    pos, grp = [], []
+    for b, o in enumerate(objects):
+        p = init_anchors(o, cfg.init_points, ac.voxel_size, max(1, cfg.tau // k), rng)
+        pos.append(p + torch.tensor([float(pv.offsets[b]), 0.0, 0.0]))
+        grp.append(torch.full((len(p),), b, dtype=torch.long))
+    anchors, groups = torch.cat(pos), torch.cat(grp)
+    A = len(anchors)
+    knn = torch.cat([torch.cdist(c, anchors).topk(min(4, A), largest=False).values[:, 1:]
+                     for c in anchors.split(2048)]) if A > 1 else torch.full((A, 1), ac.voxel_size)
+    log_scale = torch.log(knn.mean(1).clamp_min(1e-4))[:, None].repeat(1, 6)  # [A, 6] (Scaffold-GS: 3-NN distance)
+    params = nn.ParameterDict({
+        "anchors": nn.Parameter(anchors.to(device), requires_grad=False),  # [A, 3] fixed
+        "features": nn.Parameter(torch.zeros(A, ac.feat_dim, device=device)),  # [A, F]
+        "scaling": nn.Parameter(log_scale.to(device)),  # [A, 6] log
+        "offsets": nn.Parameter(torch.zeros(A, k, 3, device=device)),  # [A, k, 3]
+    })
+    mlps = AnchorMLPs(B, ac.feat_dim, k).to(device)
+    lrs = {"features": ac.lr_features, "scaling": ac.lr_scaling, "offsets": ac.lr_offsets}
+    optimizers = {n: torch.optim.Adam([{"params": params[n], "lr": lr, "name": n}], eps=1e-15)
+                  for n, lr in lrs.items()}
+    mlp_opt = torch.optim.Adam(mlps.parameters(), lr=ac.lr_mlp, eps=1e-15)
+    offsets_decay = (ac.lr_offsets_final / ac.lr_offsets) ** (1.0 / max(1, cfg.steps))
+    mlp_decay = (ac.lr_mlp_final / ac.lr_mlp) ** (1.0 / max(1, cfg.steps))
+    # Per-anchor running state (rows follow every append / remove).
+    state: dict[str, Any] = {
+        "alive": torch.ones(A, k, dtype=torch.bool, device=device),  # [A, k]
+        "groups": groups.to(device),  # [A]
+        "grad2d": torch.zeros(A, k, device=device),  # [A, k] Σ normalised |∂L/∂means2d|
+        "count": torch.zeros(A, k, device=device),  # [A, k] views that drew the slot
+        "opa_sum": torch.zeros(A, device=device),  # [A] Σ_steps Σ_slots max(opacity, 0)
+        "opa_steps": torch.zeros(A, device=device),  # [A] steps summed in opa_sum
+    }
+    counters = {"bound_events": 0, "bound_removed": 0, "grown": 0, "pruned_anchors": 0}
+
+    def model() -> AnchorModel:
+        return AnchorModel(params["anchors"], params["features"], params["scaling"], params["offsets"],
+                           state["alive"], state["groups"], mlps)
+
+    @torch.no_grad()
+    def slot_visibility(views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Blending weight of every slot over ``views`` (0 for slots not drawn) and the drawn mask: ``[A, k]`` each."""
+        (m, q, s, o, _), idx = model().drawn()
+        cw, kk = pv.cameras(views)
+        vis = torch.zeros(len(params["anchors"]) * k, device=device)
+        drawn = torch.zeros(len(params["anchors"]) * k, dtype=torch.bool, device=device)
+        drawn[idx] = True
+        if len(idx):
+            vis[idx] = blending_weights(render, m, q, s, o, cw, kk, W, H)
+        return vis.reshape(-1, k), drawn.reshape(-1, k)
+
+    def remove_anchors(mask: Tensor) -> None:
+        if mask.any():
+            remove(params=params, optimizers=optimizers, state=state, mask=mask)
+
+    def enforce_bound() -> None:
+        """The rank-averaged bound, then anchors without a live slot go."""
+        counts = torch.bincount(state["groups"][:, None].expand_as(state["alive"])[state["alive"]], minlength=B)
+        if int(counts.max()) <= cfg.tau:
+            return
+        vis, drawn = slot_visibility(pv.sample(rng, cfg.measure_views))
+        keep = rank_average_bound(vis, state["alive"], state["groups"], cfg.tau, drawn)
+        counters["bound_events"] += 1
+        counters["bound_removed"] += int(state["alive"].sum() - keep.sum())
+        state["alive"] = keep
+        remove_anchors(~keep.any(1))
+
+    @torch.no_grad()
+    def refine(step: int) -> None:
+        """Grow anchors, prune transparent anchors, enforce the bound, reset the statistics."""
+        means = model().neural()[0]  # [A, k, 3]
+        n_anchors = len(params["anchors"])
+        new_pos, new_feat, new_scale = grow_anchors(
+            params["anchors"], params["features"], means, state["grad2d"], state["count"], state["alive"],
+            ac.voxel_size, ac.grow_grad2d, ac.grow_levels, max(1, int(ac.max_grow_fraction * n_anchors)))
+        # Anchor pruning (Scaffold-GS): summed opacity over a full interval too low. Never a whole object.
+        seen = state["opa_steps"] >= 0.8 * min(ac.refine_every, step + 1)
+        low = seen & (state["opa_sum"] < ac.prune_opa * state["opa_steps"])
+        left = torch.bincount(state["groups"][~low], minlength=B)
+        low &= left[state["groups"]] > 0
+        counters["pruned_anchors"] += int(low.sum())
+        remove_anchors(low)
+        n = len(new_pos)
+        if n:
+            new_groups = torch.round(new_pos[:, 0] / cfg.spacing).long() if B > 1 else \
+                torch.zeros(n, dtype=torch.long, device=device)
+            _append_rows(params, optimizers, state, {
+                "anchors": new_pos, "features": new_feat, "scaling": new_scale,
+                "offsets": torch.zeros(n, k, 3, device=device),
+                "alive": torch.ones(n, k, dtype=torch.bool, device=device), "groups": new_groups,
+                "grad2d": torch.zeros(n, k, device=device), "count": torch.zeros(n, k, device=device),
+                "opa_sum": torch.zeros(n, device=device), "opa_steps": torch.zeros(n, device=device)})
+            counters["grown"] += n
+        enforce_bound()
+        for key in ("grad2d", "count", "opa_sum", "opa_steps"):
+            state[key].zero_()
+
+    lpips_fn, lpips_status = (None, "off")
+    if cfg.lambda_lpips > 0:
+        lpips_fn, lpips_status = load_lpips(cfg.lpips_weights, device)
+
+    enforce_bound()  # init_anchors caps anchors at tau // k: only binds when tau < k
+    bar = tqdm(range(cfg.steps), desc=f"fit {B} object(s), anchors", unit="step", disable=not progress)
+    steps_done = 0
+    for step in bar:
+        # 1. random training views of every object
+        views = pv.sample(rng, cfg.views_per_step)
+        cw, kk = pv.cameras(views)
+        gt_rgb, gt_alpha = pv.targets(views)  # [C, H, W, 3], [C, H, W]
+
+        # 2. the MLPs give the neural Gaussians; the drawn ones are rendered in one call
+        (m, q, s, o, c), idx = model().drawn()
+        if len(idx) == 0:
+            raise RuntimeError("no neural Gaussian has positive opacity: the anchor fit collapsed")
+        out = render((m, q, s, o, c), cw, kk, W, H, background=1.0)
+        out.meta["means2d"].retain_grad()
+
+        # 3. the fitting loss (the plain fitter's)
+        loss, l1 = photometric_loss(out, gt_rgb, gt_alpha, s, cfg, lpips_fn)
+        loss.backward()
+
+        # 4. statistics for growing / pruning, then the optimiser steps
+        with torch.no_grad():
+            g2 = out.meta["means2d"].grad.clone()  # [C, M, 2], normalised as gsplat's DefaultStrategy
+            g2[..., 0] *= W / 2.0 * len(cw)
+            g2[..., 1] *= H / 2.0 * len(cw)
+            drawn_in = (out.meta["radii"] > 0).all(-1)  # [C, M]
+            cam, gi = torch.nonzero(drawn_in, as_tuple=True)
+            state["grad2d"].view(-1).index_add_(0, idx[gi], g2[cam, gi].norm(dim=-1))
+            state["count"].view(-1).index_add_(0, idx[gi], torch.ones_like(gi, dtype=torch.float32))
+            op = torch.zeros(len(params["anchors"]) * k, device=device)
+            op[idx] = o.detach()
+            state["opa_sum"] += op.reshape(-1, k).sum(1)
+            state["opa_steps"] += 1
+        for opt in (*optimizers.values(), mlp_opt):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for group in optimizers["offsets"].param_groups:
+            group["lr"] *= offsets_decay
+        for group in mlp_opt.param_groups:
+            group["lr"] *= mlp_decay
+
+        # 5. grow / prune anchors and bound the count
+        if ac.refine_start_iter <= step < ac.refine_stop_iter and (step - ac.refine_start_iter) % ac.refine_every == 0 \
+                and step > 0:
+            refine(step)
+        steps_done = step + 1
+        if on_step is not None:
+            on_step(step, {"loss": float(loss.detach()), "l1": float(l1.detach()), "n_gaussians": len(idx),
+                           "n_live": int(state["alive"].sum()), "n_anchors": len(params["anchors"])})
+        if progress and step % 50 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", n=len(idx), anchors=len(params["anchors"]))
+        if out_of_time(cfg, t0):
+            break
+    bar.close()
+    enforce_bound()  # a no-op (live slots only increase when growing, which ends with the bound): the guarantee before baking
+
+    # Bake every object, record visibility over all its training views, held-out metrics.
+    results = []
+    seconds = time.perf_counter() - t0
+    full = model()
+    with torch.no_grad():
+        for b, o in enumerate(objects):
+            mb = full.select(b, shift=(-float(pv.offsets[b]), 0.0, 0.0))
+            g = mb.bake()  # at the origin
+            tv = torch.as_tensor(pv.train_idx[b], device=device)
+            cw, kk = pv.c2w[b][tv].clone(), pv.K[b][tv]
+            cw[:, 0, 3] -= float(pv.offsets[b])
+            g.visibility = blending_weights(render, g.means, g.unit_quats(), g.scales(), g.opacities(), cw, kk, W, H) \
+                if len(g) else torch.zeros(0, device=device)
+            metrics = {"n_gaussians": len(g), **pv.holdout(b, g), "steps": steps_done, "seconds": seconds / B,
+                       "method": "anchors", "bound_events": counters["bound_events"], "lpips": lpips_status,
+                       "n_anchors": len(mb), "n_live_slots": int(mb.alive.sum()),
+                       "anchors_grown": counters["grown"], "anchors_pruned": counters["pruned_anchors"]}
+            results.append(FitResult(o.id, g.detach().to("cpu"), metrics, model=mb.to("cpu")))
+    return results
