@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--sample-every", type=int, default=1000, help="preview samples every k steps")
     ap.add_argument("--fit-batch", type=int, default=32, help="objects fitted together")
+    ap.add_argument("--fit-resolution", type=int, default=0, help="fit at this image side (0 = as rendered, 128)")
+    ap.add_argument("--prompts", nargs="+", default=None, help="prompts of the final samples (default: 8 built-in)")
     ap.add_argument("--psnr-floor", type=float, default=20.0, help="prune_check's held-out PSNR floor (dB)")
     ap.add_argument("--only", choices=["data", "train", "sample"], default=None)
     ap.add_argument("--wait-for", default=None, metavar="FILE",
@@ -122,7 +124,8 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
         log(f"{args.wait_for} exists: the GPU is ours")
     # 2. fit (GPU, objects packed 32 at a time)
     t = time.perf_counter()
-    fcfg = FitConfig(steps=args.fit_steps, tau=args.tau, init_points=2000, views_per_step=4, resolution=0,
+    fcfg = FitConfig(steps=args.fit_steps, tau=args.tau, init_points=2000, views_per_step=4,
+                     resolution=args.fit_resolution,
                      batch_objects=args.fit_batch, densify=DensifyConfig(refine_start_iter=100, refine_stop_iter=int(
                          0.8 * args.fit_steps), refine_every=100, reset_every=100000))
     rows = fit_chunk(items, root / "procedural", root / "fits", fcfg, device=DEV, progress=True)
@@ -211,7 +214,7 @@ def sample_phase(args, root: Path, summary: dict, save) -> None:
 
     model = load_atlas_model(root / "train" / "model", DEV)
     train_caps = {json.loads(line)["caption"] for line in (root / "procedural" / "captions.jsonl").read_text().splitlines()}
-    prompts = ["a red torus", "a blue cube", "a yellow sphere", "a green cone", "a white cylinder",
+    prompts = args.prompts or ["a red torus", "a blue cube", "a yellow sphere", "a green cone", "a white cylinder",
                "a purple capsule", "an orange pyramid", "a red cube on top of a blue cylinder"]
     cfg = SampleConfig(steps=20, guidance=3.5, frames=24, resolution=128)
     t = time.perf_counter()

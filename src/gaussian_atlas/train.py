@@ -264,6 +264,7 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     t0, done, last, pending = time.perf_counter(), 0, {}, {}
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     out_of_time = False
+    t_log, step_log = t0, step  # throughput window between two logged steps
     unet.train()
     while step < cfg.steps and not out_of_time and (stop_after is None or done < stop_after):
         with accelerator.accumulate(unet):
@@ -325,8 +326,15 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
                 out_of_time = bool(broadcast_object_list(flag)[0]) if accelerator.num_processes > 1 else flag[0]
             final = step == cfg.steps or out_of_time
             if step % cfg.log_every == 0 or final:
-                last = {k: float(v) for k, v in pending.items()}
+                last = {k: float(v) for k, v in pending.items()}  # (reading them back waits for the GPU)
                 last["lr"] = lr_scheduler.get_last_lr()[0]
+                now = time.perf_counter()
+                last["samples_per_second"] = ((step - step_log) * cfg.batch_size * cfg.grad_accum *
+                                              accelerator.num_processes / max(now - t_log, 1e-9))
+                t_log, step_log = now, step
+                if dev.type == "cuda":
+                    last["gpu_memory_gb"] = torch.cuda.memory_allocated(dev) / 2**30
+                    last["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 if log is not None and accelerator.is_main_process:
                     log(step, last)
             # 7. checkpoint: accelerate state + EMA + step + generators

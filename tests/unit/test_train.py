@@ -38,6 +38,7 @@ def test_losses_finite_and_model_saved(tmp_path):
     assert s["step"] == 6 and len(logs) == 6
     assert all(torch.isfinite(torch.tensor([m["loss"], m["loss_v"], m["loss_rgb"], m["loss_mask"]])).all()
                for m in logs)
+    assert all(m["samples_per_second"] > 0 and m["lr"] >= 0 for m in logs)  # throughput logged per window
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
         assert (tmp_path / "run" / "model" / sub).is_dir()
 
