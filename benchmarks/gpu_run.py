@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--size", default="small", choices=["tiny", "small", "sd"], help="UNet size")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--train-minutes", type=float, default=15.0)
     ap.add_argument("--train-until", type=float, default=None, metavar="EPOCH",
                     help="stop training by this wall-clock time (seconds since the epoch) whatever --train-minutes "
@@ -73,7 +74,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     summary_path = root / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary["args"] = vars(args)
+    summary["args"] = vars(args)  # this invocation's; every invocation's are kept under "invocations"
+    summary.setdefault("invocations", []).append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **vars(args)})
     summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def save() -> None:
@@ -174,7 +176,7 @@ def train_phase(args, root: Path, acfg, summary: dict, save) -> None:
         log(f"train: {minutes:.2f} min budget (until {time.strftime('%H:%M:%S', time.localtime(args.train_until))})")
     data = load_train_data(root / "atlas", root / "stats.npz", root / "procedural", acfg, render_resolution=32)
     cfg = TrainConfig(model=ModelConfig(size=args.size, sample_size=args.side, max_length=16), steps=1_000_000,
-                      batch_size=args.batch, lr=args.lr, lr_warmup=200, ema_decay=0.999, lambda_rgb=0.1,
+                      batch_size=args.batch, lr=args.lr, lr_warmup=200, ema_decay=args.ema_decay, lambda_rgb=0.1,
                       lambda_mask=0.1, render_every=4, render_resolution=32, checkpoint_every=1000,
                       keep_checkpoints=1, log_every=25, max_minutes=minutes, compile=args.compile,
                       sample_every=args.sample_every, sample_steps=20, sample_views=4, sample_resolution=96)
