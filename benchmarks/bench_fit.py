@@ -11,6 +11,17 @@ DIR holds render folders (NeRF-synthetic layout, e.g. made by `gatlas procedural
     -> held-out PSNR / SSIM, Gaussian count, seconds; the PSNR gap (target: within 0.3 dB at <= tau)
 (b) throughput: objects per GPU-minute of the packed fitter (``--batch`` objects per launch) against
     one object at a time, on the same objects and settings; ratio printed.
+(d) fitters (issue #8), with ``--methods plain,anchors``: the plain fitter against the paper's anchor
+    fitter (fit.method: anchors), same tau and the same wall-clock budget per object (``--budget`` s):
+    each method's step count is calibrated to the budget (two short timed fits), its refinement
+    schedule scaled to those steps, and ``max_seconds`` stops it at the budget. On ``--compare-objects``
+    procedural objects and on every render folder under ``--meshes`` (``--make-meshes DIR`` builds 4
+    demo meshes with trimesh and renders them through ``gatlas render-mesh`` into DIR first):
+    held-out PSNR / SSIM, Gaussian count, steps, seconds per object; anchors - plain printed.
+
+    python benchmarks/bench_fit.py --data .bench/proc256 --make-meshes .bench/meshes256 \
+        --meshes .bench/meshes256 --methods plain,anchors --budget 30 --tau 36864 --compare-objects 4 \
+        --skip-quality --skip-throughput
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from _prebuilt import use_prebuilt_gsplat  # noqa: E402
 
 use_prebuilt_gsplat()
 
+from gaussian_atlas.anchors import AnchorConfig  # noqa: E402
 from gaussian_atlas.data import load_object  # noqa: E402
 from gaussian_atlas.fit import DensifyConfig, FitConfig, FitInput, fit_objects  # noqa: E402
 
@@ -52,6 +64,147 @@ def timed_fit(objs: list[FitInput], cfg: FitConfig, device: str) -> tuple[list, 
     return res, time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- (d) plain vs anchors
+
+
+def scheduled(cfg: FitConfig, steps: int) -> FitConfig:
+    """``cfg`` with ``steps`` and both methods' refinement schedules scaled to them: every
+    ``min(100, max(50, steps / 8))`` steps from then on, until 80% of the steps (refining more
+    often than every 50 steps hurt the plain fitter on CPU: 13.1 vs 16.4 dB at 136 steps)."""
+    every = min(100, max(50, steps // 8))
+    stop = int(0.8 * steps)
+    return replace(cfg, steps=steps,
+                   densify=replace(cfg.densify, refine_start_iter=every, refine_every=every, refine_stop_iter=stop),
+                   anchors=replace(cfg.anchors, refine_start_iter=every, refine_every=every, refine_stop_iter=stop))
+
+
+def steps_for_budget(obj: FitInput, cfg: FitConfig, budget: float, device: str) -> int:
+    """Steps of ``cfg`` that fit ``budget`` seconds on ``obj``: two short timed fits (the longer one
+    past a first refinement, so the count has grown) give the fixed cost (initialisation, final
+    visibility, held-out renders) and the cost per step; 90% of the estimate is returned."""
+    n1, n2 = 20, 80
+    _, t1 = timed_fit([obj], scheduled(cfg, n1), device)
+    _, t2 = timed_fit([obj], replace(scheduled(cfg, n2), densify=replace(cfg.densify, refine_start_iter=50,
+                      refine_every=50, refine_stop_iter=60), anchors=replace(cfg.anchors, refine_start_iter=50,
+                      refine_every=50, refine_stop_iter=60)), device)
+    per_step = max((t2 - t1) / (n2 - n1), 1e-5)
+    fixed = max(t1 - n1 * per_step, 0.0)
+    return max(n1, int(0.9 * (budget - fixed) / per_step))
+
+
+MESHES = {  # id: caption (built by demo_meshes)
+    "vase": "a striped ceramic vase",
+    "chair": "a wooden chair with a red seat",
+    "bumpy_ball": "a bumpy multicoloured ball",
+    "star_prism": "a yellow star-shaped prism",
+}
+
+
+def demo_meshes(out: Path) -> dict[str, Path]:
+    """Four vertex-coloured meshes (PLY, +Z up) with more structure than the procedural primitives."""
+    import trimesh
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+
+    def save(name: str, mesh: "trimesh.Trimesh", colors: np.ndarray) -> None:
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.clip(colors, 0, 255).astype(np.uint8))
+        paths[name] = out / f"{name}.ply"
+        mesh.export(paths[name])
+
+    # a vase: a revolved profile with colour bands along its height
+    z = np.linspace(0.0, 2.0, 40)
+    r = 0.45 + 0.25 * np.sin(2.2 * z + 0.3) - 0.15 * (z > 1.7)
+    vase = trimesh.creation.revolve(np.stack([r, z], 1), sections=64)
+    band = (np.floor(vase.vertices[:, 2] * 5) % 2)[:, None]
+    save("vase", vase, band * [[30, 60, 160, 255]] + (1 - band) * [[235, 225, 200, 255]])
+
+    # a chair: boxes of different colours (seat, legs, back)
+    parts, cols = [], []
+    for ext, pos, col in [((1.0, 1.0, 0.12), (0, 0, 1.0), (200, 40, 40)),
+                          ((1.0, 0.12, 1.1), (0, 0.44, 1.6), (120, 80, 40))] + \
+            [((0.1, 0.1, 1.0), (x, y, 0.5), (90, 60, 30)) for x in (-0.43, 0.43) for y in (-0.43, 0.43)]:
+        b = trimesh.creation.box(extents=ext)
+        b.apply_translation(pos)
+        parts.append(b)
+        cols.append(np.tile([*col, 255], (len(b.vertices), 1)))
+    save("chair", trimesh.util.concatenate(parts), np.concatenate(cols))
+
+    # a bumpy ball: a displaced icosphere coloured by its normal
+    ball = trimesh.creation.icosphere(subdivisions=5, radius=1.0)
+    v = ball.vertices
+    theta, phi = np.arccos(np.clip(v[:, 2], -1, 1)), np.arctan2(v[:, 1], v[:, 0])
+    ball.vertices = v * (1.0 + 0.12 * np.sin(6 * theta) * np.sin(5 * phi))[:, None]
+    save("bumpy_ball", ball, np.concatenate([(v * 0.5 + 0.5) * 255, np.full((len(v), 1), 255)], 1))
+
+    # a star prism: an extruded five-pointed star (fan-triangulated caps: the star is star-shaped about its centre)
+    ang = np.linspace(0, 2 * np.pi, 11)[:-1] + np.pi / 2
+    rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+    ring = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1)  # [10, 2] counter-clockwise
+    verts = np.concatenate([np.c_[ring, np.zeros(10)], np.c_[ring, np.full(10, 0.4)], [[0, 0, 0], [0, 0, 0.4]]])
+    faces = []
+    for i in range(10):
+        j = (i + 1) % 10
+        faces += [[i, j, 10 + j], [i, 10 + j, 10 + i], [20, j, i], [21, 10 + i, 10 + j]]  # side, side, bottom, top
+    star = trimesh.Trimesh(verts, np.array(faces), process=True)
+    star.fix_normals()
+    shade = 0.75 + 0.25 * (star.vertices[:, 2:3] > 0.2)
+    save("star_prism", star, np.concatenate([shade * [[250, 200, 20]], np.full((len(star.vertices), 1), 255)], 1))
+    return paths
+
+
+def render_meshes(out: Path, resolution: int, views: int) -> None:
+    """Build :func:`demo_meshes` and render each through ``gatlas render-mesh`` into ``out/objects/<id>``."""
+    import shutil
+    import subprocess
+
+    gatlas = Path(sys.executable).with_name("gatlas")
+    cmd = [str(gatlas)] if gatlas.exists() else [shutil.which("gatlas") or "gatlas"]
+    for name, path in demo_meshes(out / "meshes").items():
+        if (out / "objects" / name / "transforms.json").exists():
+            continue
+        subprocess.run(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
+                              str(out / "objects" / name), "--resolution", str(resolution), "--views", str(views),
+                              "--ring", str(min(16, views))], check=True)
+
+
+def compare_methods(sets: dict[str, list[FitInput]], cfg: FitConfig, methods: list[str], budget: float,
+                    device: str) -> tuple[list[dict], dict]:
+    """(d): every method on every object, same tau, ``budget`` seconds each."""
+    rows = []
+    steps = {m: steps_for_budget(next(iter(sets.values()))[0], replace(cfg, method=m), budget, device)
+             for m in methods}
+    print(f"(d) steps fitting {budget:g} s: {steps}", flush=True)
+    for set_name, objs in sets.items():
+        for o in objs:
+            for m in methods:
+                c = replace(scheduled(replace(cfg, method=m), steps[m]), max_seconds=budget)
+                (r,), s = timed_fit([o], c, device)
+                rows.append({"set": set_name, "id": o.id, "method": m, "tau": cfg.tau, "budget_s": budget,
+                             "steps": r.metrics["steps"], "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"],
+                             "n_gaussians": r.metrics["n_gaussians"], "seconds": s})
+                print(json.dumps(rows[-1]), flush=True)
+    summary = {}
+    for set_name in sets:
+        for m in methods:
+            sel = [r for r in rows if r["set"] == set_name and r["method"] == m]
+            summary[f"{set_name}/{m}"] = {k: float(np.mean([r[k] for r in sel]))
+                                          for k in ("psnr", "ssim", "n_gaussians", "seconds", "steps")}
+            summary[f"{set_name}/{m}"]["max_gaussians"] = max(r["n_gaussians"] for r in sel)
+            s = summary[f"{set_name}/{m}"]
+            print(f"(d) {set_name:10s} {m:8s} PSNR {s['psnr']:.2f} dB  SSIM {s['ssim']:.4f}  Gaussians "
+                  f"{s['n_gaussians']:.0f} (max {s['max_gaussians']} <= {cfg.tau})  {s['seconds']:.1f} s  "
+                  f"{s['steps']:.0f} steps", flush=True)
+        if {"plain", "anchors"} <= set(methods):
+            a, p = summary[f"{set_name}/anchors"], summary[f"{set_name}/plain"]
+            summary[f"{set_name}/anchors_vs_plain"] = d = {
+                "psnr_db": a["psnr"] - p["psnr"], "ssim": a["ssim"] - p["ssim"],
+                "gaussians_ratio": a["n_gaussians"] / max(p["n_gaussians"], 1), "seconds_ratio": a["seconds"] / p["seconds"]}
+            print(f"(d) {set_name}: anchors - plain {d['psnr_db']:+.2f} dB PSNR, {d['ssim']:+.4f} SSIM; Gaussians "
+                  f"x{d['gaussians_ratio']:.2f}; seconds x{d['seconds_ratio']:.2f}", flush=True)
+    return rows, summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -68,15 +221,28 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true", help="skip (b)")
     ap.add_argument("--histogram-objects", type=int, default=0,
                     help="(c) paper check: fit this many objects (packed) and record Gaussians per fit")
+    ap.add_argument("--methods", default="", help="(d) compare fitters, e.g. plain,anchors")
+    ap.add_argument("--budget", type=float, default=30.0, help="(d) wall-clock seconds per object and method")
+    ap.add_argument("--compare-objects", type=int, default=4, help="(d) procedural objects compared")
+    ap.add_argument("--meshes", default=None, help="(d) also compare on the render folders under this folder")
+    ap.add_argument("--make-meshes", default=None,
+                    help="(d) first build 4 demo meshes and render them with `gatlas render-mesh` into this folder")
+    ap.add_argument("--mesh-resolution", type=int, default=256, help="render side of --make-meshes")
+    ap.add_argument("--mesh-views", type=int, default=24, help="views per mesh of --make-meshes")
+    ap.add_argument("--init-points", type=int, default=4096)
+    ap.add_argument("--views-per-step", type=int, default=4)
     args = ap.parse_args()
 
-    cfg = FitConfig(steps=args.steps, tau=args.tau, init_points=4096, views_per_step=4, resolution=args.resolution,
+    cfg = FitConfig(steps=args.steps, tau=args.tau, init_points=args.init_points, views_per_step=args.views_per_step,
+                    resolution=args.resolution,
                     densify=DensifyConfig(refine_start_iter=100, refine_stop_iter=int(args.steps * 0.8),
-                                          refine_every=100), lr_means_final=1.6e-6)
+                                          refine_every=100), lr_means_final=1.6e-6,
+                    anchors=AnchorConfig(refine_start_iter=100, refine_stop_iter=int(args.steps * 0.8),
+                                         refine_every=100))
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "steps": args.steps, "resolution": args.resolution, "torch": torch.__version__}
     objs = load_inputs(Path(args.data), max(args.batch, args.quality_objects, args.single_objects,
-                                            args.histogram_objects))
+                                            args.histogram_objects, args.compare_objects if args.methods else 0))
     print(f"{len(objs)} objects, {objs[0].rgb.shape[0]} views, device {report['device']}", flush=True)
     fit_objects(objs[:1], replace(cfg, steps=20), device=args.device)  # warm-up (gsplat JIT, allocator)
 
@@ -98,6 +264,17 @@ def main() -> None:
               f"vs {np.mean([r['n_gaussians'] for r in base]):.0f}; max {max(r['n_gaussians'] for r in ours)} <= {tau}",
               flush=True)
         report[f"gap_{name}"] = gap
+
+    # (d) fitters: plain vs anchors, same tau, same wall-clock budget per object
+    methods = [m for m in args.methods.split(",") if m]
+    if methods:
+        sets = {"procedural": objs[:args.compare_objects]}
+        if args.make_meshes:
+            render_meshes(Path(args.make_meshes), args.mesh_resolution, args.mesh_views)
+        if args.meshes:
+            sets["mesh"] = load_inputs(Path(args.meshes), 10**6)
+        rows_d, summary = compare_methods(sets, cfg, methods, args.budget, args.device)
+        report["methods"] = {"rows": rows_d, "summary": summary, "budget_s": args.budget, "tau": args.tau}
 
     # (c) paper check (Fig. 2d): Gaussians per fit, simple vs composite objects
     if args.histogram_objects:
