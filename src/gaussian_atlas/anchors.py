@@ -62,7 +62,7 @@ from .render import ALPHA_THRESHOLD, render
 if TYPE_CHECKING:  # fit.py imports this module for AnchorConfig: no runtime import back
     from .fit import FitConfig, FitInput, FitResult
 
-__all__ = ["AnchorConfig", "AnchorMLPs", "AnchorModel", "fit_anchors", "grow_anchors", "init_anchors",
+__all__ = ["AnchorConfig", "AnchorMLPs", "AnchorModel", "AnchorStrategy", "fit_anchors", "grow_anchors", "init_anchors",
            "rank_average_bound", "voxelize"]
 
 
@@ -377,7 +377,139 @@ def rank_average_bound(slot_vis: Tensor, alive: Tensor, groups: Tensor, tau: int
     return keep
 
 
+@dataclass
+class AnchorStrategy:
+    """Scaffold-GS anchor growing / pruning and the paper's rank-averaged bound, in gsplat's ``Strategy`` hooks.
+
+    The counterpart of :class:`gaussian_atlas.prune.BoundedVisibilityStrategy` for the
+    anchor fitter (``initialize_state``, ``check_sanity``, ``step_pre_backward``,
+    ``step_post_backward``; running state in a dict the trainer owns). ``params`` hold
+    ``anchors [A, 3]`` (not trainable), ``features [A, F]``, ``scaling [A, 6]``,
+    ``offsets [A, k, 3]``, one Adam each; the per-anchor state (``alive``, ``groups``
+    and the statistics) follows every append and removal, as do the Adam moments.
+
+    The trainer renders the drawn slots of :meth:`AnchorModel.drawn` and passes
+    ``info`` = the render's meta plus ``slots`` (their flat indices ``[M]``) and
+    ``opacities_drawn`` (``[M]``); it must put in the state, under
+    ``"measure_visibility"``, a callable ``params -> (visibility [A, k], drawn [A, k])``
+    over random training views, called only when some object is over ``tau``.
+
+    Attributes
+    ----------
+    tau : the bound on live neural-Gaussian slots per object.
+    cfg : :class:`AnchorConfig` (growing / pruning thresholds and schedule).
+    n_groups : objects packed in the parameters.
+    spacing : packing distance along x (new anchors' object = round(x / spacing)).
+    """
+
+    tau: int
+    cfg: AnchorConfig
+    n_groups: int = 1
+    spacing: float = 100.0
+
+    def initialize_state(self, params: dict[str, Tensor], groups: Tensor) -> dict[str, Any]:
+        A, k, dev = params["offsets"].shape[0], params["offsets"].shape[1], params["offsets"].device
+        return {
+            "alive": torch.ones(A, k, dtype=torch.bool, device=dev),  # [A, k] live slots
+            "groups": groups.to(dev),  # [A] object of each anchor
+            "grad2d": torch.zeros(A, k, device=dev),  # [A, k] Σ normalised |∂L/∂means2d|
+            "count": torch.zeros(A, k, device=dev),  # [A, k] views that drew the slot
+            "opa_sum": torch.zeros(A, device=dev),  # [A] Σ_steps Σ_slots max(opacity, 0)
+            "opa_steps": torch.zeros(A, device=dev),  # [A] steps summed in opa_sum
+            "measure_visibility": None,
+            "n_bound_events": 0, "n_bound_removed": 0, "n_grown": 0, "n_pruned_anchors": 0,
+        }
+
+    def check_sanity(self, params: dict[str, Tensor], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        for name in ("anchors", "features", "scaling", "offsets"):
+            if name not in params:
+                raise ValueError(f"the anchor strategy needs params[{name!r}]")
+        if params["anchors"].requires_grad or "anchors" in optimizers:
+            raise ValueError("anchor positions are fixed: params['anchors'] must not be trainable")
+        if self.tau < 1:
+            raise ValueError(f"tau must be >= 1, got {self.tau}")
+
+    def step_pre_backward(self, params, optimizers, state, step, info) -> None:
+        info["means2d"].retain_grad()
+
+    @torch.no_grad()
+    def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False) -> None:
+        """Accumulate the statistics; on the schedule grow, prune and bound."""
+        k = params["offsets"].shape[1]
+        slots = info["slots"]  # [M] flat slot index of each drawn Gaussian
+        g2 = info["means2d"].grad.clone()  # [C, M, 2], normalised as gsplat's DefaultStrategy
+        g2[..., 0] *= info["width"] / 2.0 * info["n_cameras"]
+        g2[..., 1] *= info["height"] / 2.0 * info["n_cameras"]
+        cam, gi = torch.nonzero((info["radii"] > 0).all(-1), as_tuple=True)
+        state["grad2d"].view(-1).index_add_(0, slots[gi], g2[cam, gi].norm(dim=-1))
+        state["count"].view(-1).index_add_(0, slots[gi], torch.ones_like(gi, dtype=state["count"].dtype))
+        op = torch.zeros(state["alive"].numel(), device=slots.device)
+        op[slots] = info["opacities_drawn"].detach().clamp_min(0)
+        state["opa_sum"] += op.reshape(-1, k).sum(1)
+        state["opa_steps"] += 1
+        c = self.cfg
+        if step > 0 and c.refine_start_iter <= step < c.refine_stop_iter and (step - c.refine_start_iter) % c.refine_every == 0:
+            self.refine(params, optimizers, state, step)
+
+    @torch.no_grad()
+    def refine(self, params, optimizers, state, step: int) -> None:
+        """Grow anchors, prune transparent anchors, enforce the bound, reset the statistics."""
+        c, k = self.cfg, params["offsets"].shape[1]
+        means = params["anchors"][:, None] + params["offsets"] * torch.exp(params["scaling"][:, None, :3])  # [A, k, 3]
+        new_pos, new_feat, new_scale = grow_anchors(
+            params["anchors"], params["features"], means, state["grad2d"], state["count"], state["alive"],
+            c.voxel_size, c.grow_grad2d, c.grow_levels, max(1, int(c.max_grow_fraction * len(means))))
+        # Anchor pruning (Scaffold-GS): summed opacity over a full interval too low; never a whole object.
+        seen = state["opa_steps"] >= 0.8 * min(c.refine_every, step + 1)
+        low = seen & (state["opa_sum"] < c.prune_opa * state["opa_steps"])
+        left = torch.bincount(state["groups"][~low], minlength=self.n_groups)
+        low &= left[state["groups"]] > 0
+        state["n_pruned_anchors"] += int(low.sum())
+        _remove_rows(params, optimizers, state, low)
+        n, dev = len(new_pos), new_pos.device
+        if n:
+            groups = torch.round(new_pos[:, 0] / self.spacing).long() if self.n_groups > 1 else \
+                torch.zeros(n, dtype=torch.long, device=dev)
+            _append_rows(params, optimizers, state, {
+                "anchors": new_pos, "features": new_feat, "scaling": new_scale,
+                "offsets": torch.zeros(n, k, 3, device=dev), "alive": torch.ones(n, k, dtype=torch.bool, device=dev),
+                "groups": groups, "grad2d": torch.zeros(n, k, device=dev), "count": torch.zeros(n, k, device=dev),
+                "opa_sum": torch.zeros(n, device=dev), "opa_steps": torch.zeros(n, device=dev)})
+            state["n_grown"] += n
+        self.enforce_bound(params, optimizers, state)
+        for key in ("grad2d", "count", "opa_sum", "opa_steps"):
+            state[key].zero_()
+
+    @torch.no_grad()
+    def enforce_bound(self, params, optimizers, state) -> int:
+        """The rank-averaged bound on every object over ``tau`` live slots; anchors left with
+        no live slot are removed. Returns the number of slots released."""
+        alive, groups = state["alive"], state["groups"]
+        counts = torch.bincount(groups[:, None].expand_as(alive)[alive], minlength=self.n_groups)
+        if not len(counts) or int(counts.max()) <= self.tau:
+            return 0
+        if state.get("measure_visibility") is None:
+            raise RuntimeError("the anchor strategy needs state['measure_visibility'] set by the trainer")
+        vis, drawn = state["measure_visibility"](params)
+        keep = rank_average_bound(vis, alive, groups, self.tau, drawn)
+        n = int(alive.sum() - keep.sum())
+        state["alive"] = keep
+        state["n_bound_events"] += 1
+        state["n_bound_removed"] += n
+        _remove_rows(params, optimizers, state, ~keep.any(1))
+        return n
+
+
 # --------------------------------------------------------------------------- fitting
+
+
+def _remove_rows(params: nn.ParameterDict, optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
+                 mask: Tensor) -> None:
+    """Remove the anchors of ``mask`` ``[A]`` from the parameters, their Adam moments and the per-anchor state."""
+    if mask.any():
+        from gsplat.strategy.ops import remove
+
+        remove(params=params, optimizers=optimizers, state=state, mask=mask)
 
 
 def _append_rows(params: nn.ParameterDict, optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
@@ -416,9 +548,8 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
     ``ssim`` of those baked Gaussians; ``FitResult.model`` holds the object's
     :class:`AnchorModel`. Reads ``cfg.anchors`` and the shared keys (steps, tau,
     init_points, views_per_step, measure_views, holdout_every, λ's, resolution,
-    spacing, seed, max_seconds).
+    spacing, seed, max_seconds). ``on_step`` also gets ``n_live`` (live slots) and ``n_anchors``.
     """
-    from gsplat.strategy.ops import remove
     from tqdm.auto import tqdm
 
     from .fit import FitResult, load_lpips, out_of_time, pack_views, photometric_loss
@@ -451,89 +582,40 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
     })
     mlps = AnchorMLPs(B, ac.feat_dim, k).to(device)
     lrs = {"features": ac.lr_features, "scaling": ac.lr_scaling, "offsets": ac.lr_offsets}
+    # One Adam per anchor parameter (gsplat's convention: the strategy edits each one's state).
     optimizers = {n: torch.optim.Adam([{"params": params[n], "lr": lr, "name": n}], eps=1e-15)
                   for n, lr in lrs.items()}
     mlp_opt = torch.optim.Adam(mlps.parameters(), lr=ac.lr_mlp, eps=1e-15)
     offsets_decay = (ac.lr_offsets_final / ac.lr_offsets) ** (1.0 / max(1, cfg.steps))
     mlp_decay = (ac.lr_mlp_final / ac.lr_mlp) ** (1.0 / max(1, cfg.steps))
-    # Per-anchor running state (rows follow every append / remove).
-    state: dict[str, Any] = {
-        "alive": torch.ones(A, k, dtype=torch.bool, device=device),  # [A, k]
-        "groups": groups.to(device),  # [A]
-        "grad2d": torch.zeros(A, k, device=device),  # [A, k] Σ normalised |∂L/∂means2d|
-        "count": torch.zeros(A, k, device=device),  # [A, k] views that drew the slot
-        "opa_sum": torch.zeros(A, device=device),  # [A] Σ_steps Σ_slots max(opacity, 0)
-        "opa_steps": torch.zeros(A, device=device),  # [A] steps summed in opa_sum
-    }
-    counters = {"bound_events": 0, "bound_removed": 0, "grown": 0, "pruned_anchors": 0}
+
+    strategy = AnchorStrategy(tau=cfg.tau, cfg=ac, n_groups=B, spacing=cfg.spacing)
+    strategy.check_sanity(params, optimizers)
+    state = strategy.initialize_state(params, groups)
 
     def model() -> AnchorModel:
         return AnchorModel(params["anchors"], params["features"], params["scaling"], params["offsets"],
                            state["alive"], state["groups"], mlps)
 
     @torch.no_grad()
-    def slot_visibility(views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
-        """Blending weight of every slot over ``views`` (0 for slots not drawn) and the drawn mask: ``[A, k]`` each."""
+    def measure_visibility(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Blending weight of every slot over random training views (0 where not drawn), and the drawn mask."""
         (m, q, s, o, _), idx = model().drawn()
-        cw, kk = pv.cameras(views)
-        vis = torch.zeros(len(params["anchors"]) * k, device=device)
-        drawn = torch.zeros(len(params["anchors"]) * k, dtype=torch.bool, device=device)
+        cw, kk = pv.cameras(pv.sample(rng, cfg.measure_views))
+        vis = torch.zeros(state["alive"].numel(), device=device)
+        drawn = torch.zeros(state["alive"].numel(), dtype=torch.bool, device=device)
         drawn[idx] = True
         if len(idx):
             vis[idx] = blending_weights(render, m, q, s, o, cw, kk, W, H)
         return vis.reshape(-1, k), drawn.reshape(-1, k)
 
-    def remove_anchors(mask: Tensor) -> None:
-        if mask.any():
-            remove(params=params, optimizers=optimizers, state=state, mask=mask)
-
-    def enforce_bound() -> None:
-        """The rank-averaged bound, then anchors without a live slot go."""
-        counts = torch.bincount(state["groups"][:, None].expand_as(state["alive"])[state["alive"]], minlength=B)
-        if int(counts.max()) <= cfg.tau:
-            return
-        vis, drawn = slot_visibility(pv.sample(rng, cfg.measure_views))
-        keep = rank_average_bound(vis, state["alive"], state["groups"], cfg.tau, drawn)
-        counters["bound_events"] += 1
-        counters["bound_removed"] += int(state["alive"].sum() - keep.sum())
-        state["alive"] = keep
-        remove_anchors(~keep.any(1))
-
-    @torch.no_grad()
-    def refine(step: int) -> None:
-        """Grow anchors, prune transparent anchors, enforce the bound, reset the statistics."""
-        means = model().neural()[0]  # [A, k, 3]
-        n_anchors = len(params["anchors"])
-        new_pos, new_feat, new_scale = grow_anchors(
-            params["anchors"], params["features"], means, state["grad2d"], state["count"], state["alive"],
-            ac.voxel_size, ac.grow_grad2d, ac.grow_levels, max(1, int(ac.max_grow_fraction * n_anchors)))
-        # Anchor pruning (Scaffold-GS): summed opacity over a full interval too low. Never a whole object.
-        seen = state["opa_steps"] >= 0.8 * min(ac.refine_every, step + 1)
-        low = seen & (state["opa_sum"] < ac.prune_opa * state["opa_steps"])
-        left = torch.bincount(state["groups"][~low], minlength=B)
-        low &= left[state["groups"]] > 0
-        counters["pruned_anchors"] += int(low.sum())
-        remove_anchors(low)
-        n = len(new_pos)
-        if n:
-            new_groups = torch.round(new_pos[:, 0] / cfg.spacing).long() if B > 1 else \
-                torch.zeros(n, dtype=torch.long, device=device)
-            _append_rows(params, optimizers, state, {
-                "anchors": new_pos, "features": new_feat, "scaling": new_scale,
-                "offsets": torch.zeros(n, k, 3, device=device),
-                "alive": torch.ones(n, k, dtype=torch.bool, device=device), "groups": new_groups,
-                "grad2d": torch.zeros(n, k, device=device), "count": torch.zeros(n, k, device=device),
-                "opa_sum": torch.zeros(n, device=device), "opa_steps": torch.zeros(n, device=device)})
-            counters["grown"] += n
-        enforce_bound()
-        for key in ("grad2d", "count", "opa_sum", "opa_steps"):
-            state[key].zero_()
+    state["measure_visibility"] = measure_visibility
 
     lpips_fn, lpips_status = (None, "off")
     if cfg.lambda_lpips > 0:
         lpips_fn, lpips_status = load_lpips(cfg.lpips_weights, device)
 
-    enforce_bound()  # init_anchors caps anchors at tau // k: only binds when tau < k
+    strategy.enforce_bound(params, optimizers, state)  # init_anchors caps anchors at tau // k: binds only if tau < k
     bar = tqdm(range(cfg.steps), desc=f"fit {B} object(s), anchors", unit="step", disable=not progress)
     steps_done = 0
     for step in bar:
@@ -547,25 +629,14 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
         if len(idx) == 0:
             raise RuntimeError("no neural Gaussian has positive opacity: the anchor fit collapsed")
         out = render((m, q, s, o, c), cw, kk, W, H, background=1.0)
-        out.meta["means2d"].retain_grad()
+        info = dict(out.meta, slots=idx, opacities_drawn=o)
+        strategy.step_pre_backward(params, optimizers, state, step, info)
 
         # 3. the fitting loss (the plain fitter's)
         loss, l1 = photometric_loss(out, gt_rgb, gt_alpha, s, cfg, lpips_fn)
         loss.backward()
 
-        # 4. statistics for growing / pruning, then the optimiser steps
-        with torch.no_grad():
-            g2 = out.meta["means2d"].grad.clone()  # [C, M, 2], normalised as gsplat's DefaultStrategy
-            g2[..., 0] *= W / 2.0 * len(cw)
-            g2[..., 1] *= H / 2.0 * len(cw)
-            drawn_in = (out.meta["radii"] > 0).all(-1)  # [C, M]
-            cam, gi = torch.nonzero(drawn_in, as_tuple=True)
-            state["grad2d"].view(-1).index_add_(0, idx[gi], g2[cam, gi].norm(dim=-1))
-            state["count"].view(-1).index_add_(0, idx[gi], torch.ones_like(gi, dtype=torch.float32))
-            op = torch.zeros(len(params["anchors"]) * k, device=device)
-            op[idx] = o.detach()
-            state["opa_sum"] += op.reshape(-1, k).sum(1)
-            state["opa_steps"] += 1
+        # 4. optimiser steps, then grow / prune / bound
         for opt in (*optimizers.values(), mlp_opt):
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -573,11 +644,7 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
             group["lr"] *= offsets_decay
         for group in mlp_opt.param_groups:
             group["lr"] *= mlp_decay
-
-        # 5. grow / prune anchors and bound the count
-        if ac.refine_start_iter <= step < ac.refine_stop_iter and (step - ac.refine_start_iter) % ac.refine_every == 0 \
-                and step > 0:
-            refine(step)
+        strategy.step_post_backward(params, optimizers, state, step, info)
         steps_done = step + 1
         if on_step is not None:
             on_step(step, {"loss": float(loss.detach()), "l1": float(l1.detach()), "n_gaussians": len(idx),
@@ -587,7 +654,8 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
         if out_of_time(cfg, t0):
             break
     bar.close()
-    enforce_bound()  # a no-op (live slots only increase when growing, which ends with the bound): the guarantee before baking
+    # A no-op (live slots only increase when growing, which ends with the bound): the guarantee before baking.
+    strategy.enforce_bound(params, optimizers, state)
 
     # Bake every object, record visibility over all its training views, held-out metrics.
     results = []
@@ -603,8 +671,8 @@ def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | t
             g.visibility = blending_weights(render, g.means, g.unit_quats(), g.scales(), g.opacities(), cw, kk, W, H) \
                 if len(g) else torch.zeros(0, device=device)
             metrics = {"n_gaussians": len(g), **pv.holdout(b, g), "steps": steps_done, "seconds": seconds / B,
-                       "method": "anchors", "bound_events": counters["bound_events"], "lpips": lpips_status,
+                       "method": "anchors", "bound_events": state["n_bound_events"], "lpips": lpips_status,
                        "n_anchors": len(mb), "n_live_slots": int(mb.alive.sum()),
-                       "anchors_grown": counters["grown"], "anchors_pruned": counters["pruned_anchors"]}
+                       "anchors_grown": state["n_grown"], "anchors_pruned": state["n_pruned_anchors"]}
             results.append(FitResult(o.id, g.detach().to("cpu"), metrics, model=mb.to("cpu")))
     return results

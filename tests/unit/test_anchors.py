@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from gaussian_atlas.anchors import AnchorConfig, AnchorMLPs, AnchorModel, grow_anchors, rank_average_bound
+from gaussian_atlas.anchors import (AnchorConfig, AnchorMLPs, AnchorModel, AnchorStrategy, grow_anchors,
+                                   rank_average_bound)
 from gaussian_atlas.cameras import ViewConfig, look_at_c2w
 from gaussian_atlas.data import load_object
 from gaussian_atlas.fit import FitConfig, FitInput, config_hash, fit_objects
@@ -174,6 +175,53 @@ def test_grown_anchor_takes_the_mean_feature_of_its_proposers():
     pos, feat, _ = grow_anchors(anchors, features, means, grad, count, torch.ones(2, 1, dtype=torch.bool), 0.1,
                                 0.5, levels=1, max_new=5)
     assert torch.allclose(pos, torch.tensor([[0.1, 0.0, 0.0]])) and torch.allclose(feat, torch.tensor([[2.0]]))
+
+
+def test_strategy_refine_keeps_the_bound_and_the_optimizer_state_aligned():
+    torch.manual_seed(0)
+    A, k, tau = 6, 2, 6
+    anchors = torch.stack([torch.arange(A) * 0.1, torch.zeros(A), torch.zeros(A)], 1)
+    offsets = torch.randn(A, k, 3) * 0.1
+    offsets[0, 0] = torch.tensor([0.0, 3.0, 0.0])  # exp(scaling) = 0.1: anchor 0's slot 0 sits at (0, 0.3, 0)
+    params = torch.nn.ParameterDict({
+        "anchors": torch.nn.Parameter(anchors, requires_grad=False),
+        "features": torch.nn.Parameter(torch.randn(A, 4)),
+        "scaling": torch.nn.Parameter(torch.full((A, 6), math.log(0.1))),
+        "offsets": torch.nn.Parameter(offsets)})
+    opts = {n: torch.optim.Adam([params[n]], lr=1e-3) for n in ("features", "scaling", "offsets")}
+    sum(params[n].sum() for n in opts).backward()
+    for n, o in opts.items():
+        o.step()
+        o.state[params[n]]["exp_avg"] = params[n].detach().clone()  # tag each row's moments with its values
+    cfg = AnchorConfig(n_offsets=k, voxel_size=0.1, grow_grad2d=1e-3, grow_levels=1, max_grow_fraction=1.0,
+                       refine_start_iter=10, refine_every=10)
+    strategy = AnchorStrategy(tau=tau, cfg=cfg)
+    strategy.check_sanity(params, opts)
+    state = strategy.initialize_state(params, torch.zeros(A, dtype=torch.long))
+    state["grad2d"][0, 0], state["count"][:] = 1.0, 1.0  # only anchor 0's slot 0 asks for a new anchor
+    state["opa_steps"][:] = 10
+    state["opa_sum"][:] = 5.0
+    state["opa_sum"][5] = 0.0  # anchor 5 is transparent
+    # visibility grows with y (the new anchor is the most visible) and with x
+    state["measure_visibility"] = lambda p: ((1 + 10 * p["anchors"][:, 1:2] + p["anchors"][:, :1]).expand(-1, k)
+                                             + torch.tensor([0.01, 0.0]), torch.ones(len(p["anchors"]), k, dtype=torch.bool))
+    old_rows = {n: params[n].detach().clone() for n in opts}
+    strategy.refine(params, opts, state, step=10)
+
+    assert state["n_grown"] == 1 and state["n_pruned_anchors"] == 1 and state["n_bound_events"] == 1
+    assert int(state["alive"].sum()) == tau and state["alive"].any(1).all()  # no anchor without a live slot
+    assert all(len(v) == len(params["anchors"]) for v in state.values() if isinstance(v, torch.Tensor))
+    new = torch.isclose(params["anchors"], torch.tensor([0.0, 0.3, 0.0])).all(1)
+    assert int(new.sum()) == 1 and state["alive"][new].all()  # the grown anchor is the most visible: kept
+    assert not torch.isclose(params["anchors"][:, 0], torch.tensor(0.5)).any()  # the transparent one is gone
+    assert torch.allclose(params["scaling"][new], torch.full((1, 6), math.log(0.1)))
+    for n, o in opts.items():  # Adam moments still belong to their rows; the new row's start at zero
+        m = o.state[params[n]]["exp_avg"]
+        assert m.shape == params[n].shape
+        assert torch.equal(m[~new], params[n].detach()[~new]) and (m[new] == 0).all()
+        kept = [i for i in range(A) if torch.isclose(params["anchors"], anchors[i]).all(1).any()]
+        assert torch.equal(params[n].detach()[~new], old_rows[n][kept])
+    assert state["grad2d"].sum() == 0 and state["opa_steps"].sum() == 0  # statistics restart
 
 
 # --------------------------------------------------------------------------- fitting
