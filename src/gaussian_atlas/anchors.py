@@ -78,7 +78,9 @@ class AnchorConfig:
     grow_levels : grid levels tried when growing (side voxel_size / 2^i, threshold grow_grad2d · 2^i).
     max_grow_fraction : at most this fraction of the current anchors is added per growing step.
     prune_opa : anchors whose neural Gaussians' summed opacity averages below this are removed.
-    refine_start_iter, refine_stop_iter, refine_every : growing / pruning / bound schedule (steps).
+    refine_start_iter, refine_stop_iter, refine_every : growing / pruning / bound at the steps
+        ``refine_start_iter < step < refine_stop_iter`` with ``step % refine_every == 0``
+        (gsplat DefaultStrategy's schedule, as ``fit.densify``).
     """
 
     n_offsets: int = 10
@@ -232,8 +234,8 @@ class AnchorModel:
     def bake(self) -> Gaussians:
         """Evaluate the MLPs once: the drawn neural Gaussians as plain 3DGS parameters.
 
-        Slots with opacity under 1/255 are left out: the renderer (gsplat and ours)
-        culls them, so the baked Gaussians render the same images. Opacity is
+        Slots whose opacity is not above 1/255 are left out: the renderer (gsplat and
+        ours) culls those under it, so the baked Gaussians render the same images. Opacity is
         written as its logit (clamped to [1e-6, 1 − 1e-6]), colour as SH DC.
         """
         (m, q, s, o, c), _ = self.drawn(min_opacity=ALPHA_THRESHOLD)
@@ -447,8 +449,8 @@ class AnchorStrategy:
         op[slots] = info["opacities_drawn"].detach().clamp_min(0)
         state["opa_sum"] += op.reshape(-1, k).sum(1)
         state["opa_steps"] += 1
-        c = self.cfg
-        if step > 0 and c.refine_start_iter <= step < c.refine_stop_iter and (step - c.refine_start_iter) % c.refine_every == 0:
+        c = self.cfg  # gsplat DefaultStrategy's schedule: after refine_start_iter, every refine_every steps
+        if c.refine_start_iter < step < c.refine_stop_iter and step % c.refine_every == 0:
             self.refine(params, optimizers, state, step)
 
     @torch.no_grad()
