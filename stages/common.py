@@ -33,8 +33,14 @@ TELEMETRY_OFF = {
 }
 
 
+# The fit stage's fan-out starts a temporary Prefect server. With a fresh PREFECT_HOME it first
+# creates its database: ~30 s on the 2-core CPU machine, over Prefect's default start timeout (20 s).
+PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
 def telemetry_off() -> None:
-    for k, v in TELEMETRY_OFF.items():
+    """Telemetry off (and Prefect's temporary-server start timeout raised) unless the environment says otherwise."""
+    for k, v in {**TELEMETRY_OFF, **PREFECT_DEFAULTS}.items():
         os.environ.setdefault(k, v)
 
 
