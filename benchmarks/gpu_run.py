@@ -12,7 +12,8 @@ so re-running the command continues where it stopped.
 
 Writes under ``--out``: ``procedural/``, ``fits/`` (+ ``fits/metrics.parquet``), ``atlas/``,
 ``stats.npz``, ``train/`` (checkpoints, ``model/``), ``history.jsonl`` (one line per logged
-step), ``previews/step_*.png``, ``samples/`` (turntable GIFs + a sheet), ``summary.json``
+step), ``previews/step_*.png``, ``samples/`` (turntable GIFs + a sheet), ``evaluate/`` (the
+evaluate stage's scores for built-in prompts: ``evaluate.json``, ``scores.csv``, ``views.png``), ``summary.json``
 (parameters, timings, figures). ``benchmarks/log_gpu_run.py`` logs the history and
 pictures to MLflow afterwards.
 """
@@ -65,7 +66,10 @@ def main() -> None:
     ap.add_argument("--fit-resolution", type=int, default=0, help="fit at this image side (0 = as rendered, 128)")
     ap.add_argument("--prompts", nargs="+", default=None, help="prompts of the final samples (default: 8 built-in)")
     ap.add_argument("--psnr-floor", type=float, default=20.0, help="prune_check's held-out PSNR floor (dB)")
-    ap.add_argument("--only", choices=["data", "train", "sample"], default=None)
+    ap.add_argument("--eval-prompts", type=int, nargs=3, default=[12, 8, 4], metavar=("SEEN", "HELD_OUT", "COMPOSITIONS"),
+                    help="built-in evaluate prompts (seen single captions, held-out combinations, stacks)")
+    ap.add_argument("--eval-views", type=int, default=8, help="random views per evaluate prompt")
+    ap.add_argument("--only", choices=["data", "train", "sample", "evaluate"], default=None)
     ap.add_argument("--wait-for", default=None, metavar="FILE",
                     help="after generating (CPU), wait until FILE exists before using the GPU (e.g. a benchmark "
                          "sharing the machine)")
@@ -90,6 +94,8 @@ def main() -> None:
         train_phase(args, root, acfg, summary, save)
     if args.only in (None, "sample"):
         sample_phase(args, root, summary, save)
+    if args.only in (None, "evaluate"):
+        evaluate_phase(args, root, summary, save)
     save()
     log("done")
 
@@ -235,6 +241,36 @@ def sample_phase(args, root: Path, summary: dict, save) -> None:
     gio.write_png(out / "sheet.png", sample_sheet(frames[:, ::6], prompts))
     summary["samples"] = rows
     log(f"samples: {len(prompts)} prompts -> {out}")
+    save()
+
+
+def evaluate_phase(args, root: Path, summary: dict, save) -> None:
+    """The evaluate stage's scores (colour / shape / both for generated, ceiling, floor) without MLflow."""
+    import pandas as pd
+
+    from gaussian_atlas import io as gio
+    from gaussian_atlas.evaluate import EvaluateConfig, benchmark_prompts, ceiling_atlases, evaluate
+    from gaussian_atlas.sample import SampleConfig, load_atlas_model, sample_sheet
+
+    index = pd.read_parquet(root / "atlas" / "index.parquet")
+    captions = [str(c) for c in index["caption"].fillna("")]
+    seen, held, comp = args.eval_prompts
+    cfg = EvaluateConfig(n_seen=seen, n_held_out=held, n_compositions=comp, n_views=args.eval_views, resolution=128,
+                         sample=SampleConfig(steps=20, guidance=3.5, batch_size=16, frames=12, resolution=128))
+    specs = benchmark_prompts(captions, cfg.n_seen, cfg.n_held_out, cfg.n_compositions, cfg.seed)
+    model = load_atlas_model(root / "train" / "model", DEV)
+    t = time.perf_counter()
+    ev = evaluate(model, specs, cfg, ceiling_atlases(index, root / "atlas", specs))
+    out = root / "evaluate"
+    out.mkdir(exist_ok=True)
+    gio.write_json(out / "evaluate.json", ev.metrics)
+    pd.DataFrame(ev.rows).to_csv(out / "scores.csv", index=False)
+    gio.write_png(out / "views.png", sample_sheet(ev.views["generated"], [s.prompt for s in specs]))
+    summary["evaluate_s"] = time.perf_counter() - t
+    summary["evaluate"] = {src: ev.metrics.get(src) for src in ("generated", "ceiling", "floor")}
+    g = ev.metrics["generated"]
+    log(f"evaluate: {len(specs)} prompts; generated both {g['both_accuracy']} (ceiling "
+        f"{(ev.metrics.get('ceiling') or {}).get('both_accuracy')}, floor {ev.metrics['floor']['both_accuracy']}) -> {out}")
     save()
 
 

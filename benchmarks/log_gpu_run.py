@@ -6,8 +6,8 @@
 Logs, in one run named after the device: the run's parameters (``summary.json``: fit, atlas and
 train configs, timings), every logged training step from ``history.jsonl`` as metrics at its step
 (loss terms, learning rate, samples/s, GPU memory), the fit metrics table, the preview sheets
-(``previews/step_*.png`` as ``samples/step_*.png``, as the train stage logs them) and the final
-samples (turntable GIFs, the sheet). The store is the same as the DVC stages' (``MLFLOW_TRACKING_URI``
+(``previews/step_*.png`` as ``samples/step_*.png``, as the train stage logs them), the final
+samples (turntable GIFs, the sheet) and, when present, the evaluate scores (``evaluate/``). The store is the same as the DVC stages' (``MLFLOW_TRACKING_URI``
 overrides it).
 """
 
@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> str:
                 row.pop("time", None)
                 mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))}, step=step)
                 n += 1
-        for sub, dest in (("previews", "samples"), ("samples", "final_samples")):
+        ev = folder / "evaluate" / "evaluate.json"
+        if ev.exists():  # the evaluate scores, as the evaluate stage names them (generated.both_accuracy, ...)
+            m = json.loads(ev.read_text())
+            mlflow.log_metrics({f"{src}.{k}": float(v) for src in ("generated", "ceiling", "floor")
+                                for k, v in (m.get(src) or {}).items() if isinstance(v, (int, float))})
+        for sub, dest in (("previews", "samples"), ("samples", "final_samples"), ("evaluate", "evaluate")):
             if (folder / sub).is_dir():
                 mlflow.log_artifacts(str(folder / sub), artifact_path=dest)
         for f in ("fit_metrics.parquet", "summary.json", "run.log", "bench_sample.json"):

@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas import io as gio
     from gaussian_atlas.atlas import atlas_figure
     from gaussian_atlas.config import from_dict, to_dict
-    from gaussian_atlas.evaluate import (EvaluateConfig, benchmark_prompts, evaluate, gallery_html, read_prompts,
-                                         slug)
+    from gaussian_atlas.evaluate import (EvaluateConfig, benchmark_prompts, ceiling_atlases, evaluate, gallery_html,
+                                         read_prompts, slug)
     from gaussian_atlas.gaussians import write_ply
     from gaussian_atlas.sample import load_atlas_model, sample_sheet, turntable, write_gif
 
@@ -60,16 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if not specs:
         raise ValueError(f"no evaluation prompts: {index_path} has no generator captions and evaluate.prompts is null")
     model = load_atlas_model(args.model, device=cfg.torch_device())
-    # ceiling: the first training atlas (by id) whose caption is the prompt
-    by_caption = {}
-    for r in index.sort_values("id").itertuples(index=False):
-        by_caption.setdefault(" ".join(str(r.caption).lower().split()), r.path)
-    ceiling = {}
-    for i, s in enumerate(specs):
-        rel = by_caption.get(" ".join(s.prompt.lower().split()))
-        if rel is not None:
-            with np.load(atlas_dir / rel) as z:
-                ceiling[i] = z["atlas"].astype(np.float32)
+    ceiling = ceiling_atlases(index, atlas_dir, specs)  # the training atlas of each seen caption
 
     out, reports = Path(args.out), Path(args.reports)
     with stage_run("evaluate", {**to_dict(cfg), "n_prompts": len(specs)}):

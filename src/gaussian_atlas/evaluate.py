@@ -856,6 +856,24 @@ class Evaluation:
     metrics: dict[str, Any]  # metrics/evaluate.json
 
 
+def ceiling_atlases(index: Any, atlas_dir: str | Path, specs: Sequence[PromptSpec]) -> dict[int, np.ndarray]:
+    """``{prompt index: atlas [16, S, S]}``: for each prompt, the first training atlas (by id) whose
+    caption is the prompt (case and spacing ignored); prompts without one are absent.
+
+    index : the atlas stage's ``index.parquet`` as a DataFrame (``id``, ``caption``, ``path``).
+    """
+    by_caption: dict[str, str] = {}
+    for r in index.sort_values("id").itertuples(index=False):
+        by_caption.setdefault(" ".join(str(r.caption).lower().split()), r.path)
+    out: dict[int, np.ndarray] = {}
+    for i, s in enumerate(specs):
+        rel = by_caption.get(" ".join(s.prompt.lower().split()))
+        if rel is not None:
+            with np.load(Path(atlas_dir) / rel) as z:
+                out[i] = z["atlas"].astype(np.float32)
+    return out
+
+
 def _view_seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0] & 0x7FFFFFFF)
 

@@ -256,3 +256,22 @@ def test_gallery_escapes_and_links():
                           "scores": {"colour_correct": True, "clip_score": None}}], {"prompts": 1})
     assert "&lt;b&gt;red" in page and "turntables/000-a.gif" in page and "<b>red</b>" not in page
     assert slug("A red torus!") == "a-red-torus" and slug("???") == "prompt"
+
+
+def test_ceiling_is_the_first_training_atlas_with_the_prompt_as_caption(tmp_path):
+    import pandas as pd
+
+    from gaussian_atlas.evaluate import ceiling_atlases
+
+    rows = []
+    for i, cap in enumerate(["a red cube", "A  Red Cube", "a blue cone"]):
+        np.savez(tmp_path / f"{i}.npz", atlas=np.full((16, 2, 2), float(i)))
+        rows.append({"id": f"obj-{2 - i}", "caption": cap, "path": f"{i}.npz"})  # ids in reverse file order
+    index = pd.DataFrame(rows)
+    specs = [PromptSpec("a red cube", (("cube", "red"),), False, "single"),
+             PromptSpec("a green torus", (("torus", "green"),), True, "single"),
+             PromptSpec("a blue cone", (("cone", "blue"),), False, "single")]
+    c = ceiling_atlases(index, tmp_path, specs)
+    assert sorted(c) == [0, 2]  # the held-out prompt has no ceiling
+    assert c[0][0, 0, 0] == 1.0  # "A  Red Cube" (obj-1) comes before "a red cube" (obj-2) by id
+    assert c[2].dtype == np.float32 and c[2].shape == (16, 2, 2) and c[2][0, 0, 0] == 2.0
