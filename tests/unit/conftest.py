@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: a tiny (untrained) model folder laid out like the train stage's output."""
+"""Fixtures of the unit tests: two small procedural objects to fit, and a tiny (untrained) model folder laid out
+like the train stage's output."""
 
 from __future__ import annotations
 
@@ -55,3 +56,19 @@ def make_model_folder(path: Path, side: int = 8, captions=TINY_CAPTIONS) -> Path
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def objects(tmp_path_factory):
+    """Two single-primitive procedural objects at 32², 12 views, as :class:`FitInput` (fit and anchor tests)."""
+    from gaussian_atlas.cameras import ViewConfig
+    from gaussian_atlas.data import load_object
+    from gaussian_atlas.fit import FitInput
+    from gaussian_atlas.meshrender import RenderConfig
+    from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("proc")
+    cfg = ProceduralConfig(n_objects=2, composition_fraction=0.0, seed=3, workers=0, render=RenderConfig(
+        views=ViewConfig(n_views=12, n_ring=8, resolution=32), supersample=1, n_surface_samples=600))
+    generate_dataset(cfg, root, progress=False)
+    return [FitInput.from_loaded(d.name, load_object(d)) for d in sorted((root / "objects").iterdir())]

@@ -15,8 +15,7 @@ import yaml
 from gaussian_atlas.anchors import (AnchorConfig, AnchorMLPs, AnchorModel, AnchorStrategy, grow_anchors,
                                    rank_average_bound)
 from gaussian_atlas.cameras import ViewConfig, look_at_c2w
-from gaussian_atlas.data import load_object
-from gaussian_atlas.fit import FitConfig, FitInput, config_hash, fit_objects
+from gaussian_atlas.fit import FitConfig, config_hash, fit_objects
 from gaussian_atlas.gaussians import read_ply, write_ply
 from gaussian_atlas.meshrender import RenderConfig
 from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
@@ -227,13 +226,6 @@ def test_strategy_refine_keeps_the_bound_and_the_optimizer_state_aligned():
 # --------------------------------------------------------------------------- fitting
 
 
-@pytest.fixture(scope="module")
-def objects(tmp_path_factory) -> list[FitInput]:
-    root = tmp_path_factory.mktemp("proc")
-    cfg = ProceduralConfig(n_objects=2, composition_fraction=0.0, seed=3, workers=0, render=RenderConfig(
-        views=ViewConfig(n_views=12, n_ring=8, resolution=32), supersample=1, n_surface_samples=600))
-    generate_dataset(cfg, root, progress=False)
-    return [FitInput.from_loaded(d.name, load_object(d)) for d in sorted((root / "objects").iterdir())]
 
 
 CFG = FitConfig(method="anchors", steps=80, tau=400, init_points=600, views_per_step=2, holdout_every=4,

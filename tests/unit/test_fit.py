@@ -8,24 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaussian_atlas.cameras import ViewConfig
-from gaussian_atlas.data import load_object
-from gaussian_atlas.fit import DensifyConfig, FitConfig, FitInput, fit_objects
-from gaussian_atlas.meshrender import RenderConfig
-from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
-
-
-@pytest.fixture(scope="module")
-def objects(tmp_path_factory) -> list[FitInput]:
-    root = tmp_path_factory.mktemp("proc")
-    cfg = ProceduralConfig(n_objects=2, composition_fraction=0.0, seed=3, workers=0, render=RenderConfig(
-        views=ViewConfig(n_views=12, n_ring=8, resolution=32), supersample=1, n_surface_samples=600))
-    generate_dataset(cfg, root, progress=False)
-    out = []
-    for d in sorted((root / "objects").iterdir()):
-        o = load_object(d)
-        out.append(FitInput.from_loaded(d.name, o))
-    return out
+from gaussian_atlas.fit import DensifyConfig, FitConfig, fit_objects
 
 
 CFG = FitConfig(steps=150, tau=500, init_points=300, views_per_step=2, holdout_every=4, measure_views=4,
