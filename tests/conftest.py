@@ -83,6 +83,22 @@ def write_captions(path: Path, captions: dict[str, str]) -> Path:
     return path
 
 
+def make_ingested(root: Path, n_objects: int) -> Path:
+    """Render ``n_objects`` small single-part procedural objects under ``root/raw`` (8 views at 24²) and
+    ingest them into ``root/ing``; returns ``root``."""
+    from gaussian_atlas.cameras import ViewConfig
+    from gaussian_atlas.data import IngestConfig, ingest
+    from gaussian_atlas.meshrender import RenderConfig
+    from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
+
+    generate_dataset(ProceduralConfig(n_objects=n_objects, composition_fraction=0.0, workers=0, render=RenderConfig(
+        views=ViewConfig(n_views=8, n_ring=6, resolution=24), supersample=1, n_surface_samples=200)),
+        root / "raw", progress=False)
+    ingest(IngestConfig(source=str(root / "raw"), captions=str(root / "raw" / "captions.jsonl"), min_views=4),
+           root / "ing", progress=False)
+    return root
+
+
 @pytest.fixture
 def nerf_dataset(tmp_path: Path):
     """Five good NeRF-layout objects + captions."""

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gaussian_atlas.cameras import ViewConfig
-from gaussian_atlas.data import IngestConfig, ingest, load_manifest
+from gaussian_atlas.data import load_manifest
 from gaussian_atlas.fit import DensifyConfig, FitConfig, fit_chunk, is_done
-from gaussian_atlas.meshrender import RenderConfig
-from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
+from tests.conftest import make_ingested
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fan")
-    generate_dataset(ProceduralConfig(n_objects=3, composition_fraction=0.0, workers=0, render=RenderConfig(
-        views=ViewConfig(n_views=8, n_ring=6, resolution=24), supersample=1, n_surface_samples=200)),
-        root / "raw", progress=False)
-    ingest(IngestConfig(source=str(root / "raw"), captions=str(root / "raw" / "captions.jsonl"), min_views=4),
-           root / "ing", progress=False)
-    return root
+    return make_ingested(tmp_path_factory.mktemp("fan"), n_objects=3)
 
 
 CFG = FitConfig(steps=8, tau=150, init_points=100, views_per_step=2, holdout_every=4, measure_views=2,

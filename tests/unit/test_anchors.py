@@ -14,12 +14,11 @@ import yaml
 
 from gaussian_atlas.anchors import (AnchorConfig, AnchorMLPs, AnchorModel, AnchorStrategy, grow_anchors,
                                    rank_average_bound)
-from gaussian_atlas.cameras import ViewConfig, look_at_c2w
+from gaussian_atlas.cameras import look_at_c2w
 from gaussian_atlas.fit import FitConfig, config_hash, fit_objects
 from gaussian_atlas.gaussians import read_ply, write_ply
-from gaussian_atlas.meshrender import RenderConfig
-from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
 from gaussian_atlas.render import ALPHA_THRESHOLD, render
+from tests.conftest import make_ingested
 
 ROOT = Path(__file__).resolve().parents[2]
 BAKE_TOL = 1e-5  # max |pixel| difference, anchor model vs its baked PLY (float32 PLY, logit/log round trips)
@@ -306,15 +305,7 @@ def test_params_select_the_method_and_the_hash_ignores_the_other_method():
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    from gaussian_atlas.data import IngestConfig, ingest
-
-    root = tmp_path_factory.mktemp("ing")
-    generate_dataset(ProceduralConfig(n_objects=2, composition_fraction=0.0, workers=0, render=RenderConfig(
-        views=ViewConfig(n_views=8, n_ring=6, resolution=24), supersample=1, n_surface_samples=200)),
-        root / "raw", progress=False)
-    ingest(IngestConfig(source=str(root / "raw"), captions=str(root / "raw" / "captions.jsonl"), min_views=4),
-           root / "ing", progress=False)
-    return root / "ing"
+    return make_ingested(tmp_path_factory.mktemp("ing"), n_objects=2) / "ing"
 
 
 STAGE_CFG = FitConfig(method="anchors", steps=6, tau=100, init_points=100, views_per_step=2, holdout_every=4,
