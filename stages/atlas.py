@@ -6,7 +6,8 @@ Reads ``params.yaml: atlas``. Per object: normalise into the unit sphere, count 
 N = side² (pad with transparent copies / keep the most visible), optimal assignment to
 the Fibonacci sphere, the cached sphere->grid index (computed once per N, in
 ``atlas.cache_dir``), the 16-channel atlas. Writes ``<out>/atlases/<shard>/<id>.npz``
-(atlas + centre/scale), ``<out>/index.parquet`` (id, caption, path, centre, scale, ...),
+(atlas + centre/scale), ``<out>/index.parquet`` (id, caption, path, centre, scale, split, ...;
+split "ceiling" marks objects rendered for held-out prompts: scored, never trained on),
 ``<out>/quarantine.csv`` (objects whose PLY is broken: id, reason), ``metrics/atlas.json``,
 and atlas channel pictures (paper Fig. 6) for a few objects, logged to MLflow.
 """
@@ -48,10 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.accepted).exists():
         raise StageError(f"no accepted fits at {args.accepted}: run prune_check first")
     accepted = pd.read_csv(args.accepted)
-    captions = dict(pd.read_parquet(args.manifest, columns=["id", "caption"]).values) \
-        if Path(args.manifest).exists() else {}
-    items = [{"id": r.id, "shard": r.shard, "src": str(Path(args.fits) / r.ply), "caption": captions.get(r.id, "")}
-             for r in accepted.itertuples(index=False)]
+    manifest = pd.read_parquet(args.manifest) if Path(args.manifest).exists() else pd.DataFrame(columns=["id"])
+    captions = dict(zip(manifest["id"], manifest["caption"])) if "caption" in manifest else {}
+    splits = dict(zip(manifest["id"], manifest["split"])) if "split" in manifest else {}
+    items = [{"id": r.id, "shard": r.shard, "src": str(Path(args.fits) / r.ply), "caption": captions.get(r.id, ""),
+              "split": splits.get(r.id, "train")} for r in accepted.itertuples(index=False)]
     out = Path(args.out)
 
     with stage_run("atlas", {**to_dict(cfg), "batch_objects": batch, "device": device}):
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - t0
         index = pd.DataFrame(rows).sort_values("id").reset_index(drop=True) if rows else pd.DataFrame(
             columns=["id", "caption", "path", "shard", "center_x", "center_y", "center_z", "scale", "n_real",
-                     "n_input"])
+                     "n_input", "split"])
         gio.write_parquet(out / "index.parquet", index)
         q = pd.DataFrame(quarantine, columns=["id", "reason"])
         with gio.atomic_path(out / "quarantine.csv") as tmp:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import CHANNEL_NAMES, atlas_figure
+    from gaussian_atlas.atlas import CHANNEL_NAMES, atlas_figure, training_rows
     from gaussian_atlas.checks import validate_stats
     from gaussian_atlas.normalize import RunningStats
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     index_path = Path(args.atlas) / "index.parquet"
     if not index_path.exists():
         raise StageError(f"no atlas index at {index_path}: run the atlas stage first")
-    index = pd.read_parquet(index_path)
+    index = training_rows(pd.read_parquet(index_path))  # ceiling objects of held-out prompts stay out
     out, reports = Path(args.out), Path(args.reports)
     with stage_run("normalize", {"std_floor": std_floor, "min_atlases": min_atlases, "batch": batch}):
         stats = RunningStats(std_floor=std_floor)

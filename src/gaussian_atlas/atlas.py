@@ -639,12 +639,41 @@ def atlas_stamp(cfg: AtlasConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def input_stamp(cfg_stamp: str, src: str | os.PathLike, use_gs2sphere: bool = False) -> str:
+    """Reuse key of one object's atlas: the settings/code stamp and the content of its inputs.
+
+    ``cfg_stamp`` is :func:`atlas_stamp`; the PLY's bytes (and, with ``use_gs2sphere``, the
+    ``gs2sphere.npy`` beside it) are hashed, so a refit object gets a new atlas even when its
+    file name, the atlas settings and the code are unchanged.
+    """
+    import hashlib
+
+    h = hashlib.sha256(cfg_stamp.encode())
+    paths = [Path(src)] + ([Path(src).with_name("gs2sphere.npy")] if use_gs2sphere else [])
+    for p in paths:
+        if p.exists():
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def training_rows(index: Any) -> Any:
+    """The rows of an atlas ``index.parquet`` DataFrame that may be trained on and enter the statistics:
+    every row but the ``split == "ceiling"`` ones (objects rendered for held-out prompts). An index
+    without a ``split`` column (older runs, external datasets) is all training data."""
+    if "split" not in index.columns:
+        return index
+    return index[index["split"].fillna("train") != "ceiling"].reset_index(drop=True)
+
+
 def _index_row(item: Mapping[str, Any], rel: str, z: Any) -> dict[str, Any]:
     c = np.asarray(z["center"], dtype=np.float64)
     return {"id": str(item["id"]), "caption": str(item.get("caption", "") or ""), "path": rel,
             "shard": str(item.get("shard", "")), "center_x": float(c[0]), "center_y": float(c[1]),
             "center_z": float(c[2]), "scale": float(z["scale"]), "n_real": int(z["n_real"]),
-            "n_input": int(z["n_input"])}
+            "n_input": int(z["n_input"]), "split": str(item.get("split") or "train")}
 
 
 def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir: str | os.PathLike, *,
@@ -652,15 +681,17 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                   use_gs2sphere: bool = False, progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Build and save the atlases of many objects; broken ones are quarantined, the rest go on.
 
-    items : ``{"id", "src" (PLY path), "shard" (sub-folder), "caption"}`` per object.
+    items : ``{"id", "src" (PLY path), "shard" (sub-folder), "caption"[, "split"]}`` per object
+        (``split``: "train", or "ceiling" for objects that are scored but never trained on).
     reader : PLY reader (default :func:`~gaussian_atlas.gaussians.read_ply`; use
         :func:`~gaussian_atlas.gaussians.read_gaussianverse_ply` for GaussianVerse fittings).
     use_gs2sphere : use a ``gs2sphere.npy`` next to each PLY as its sphere assignment
         (it must index this module's Fibonacci sphere; see :func:`gaussians_to_atlas`).
 
     Writes ``out_dir/atlases/<shard>/<id>.npz`` (``atlas [16,S,S]`` float32, ``center``,
-    ``scale``, ``n_real``, ``n_input``, ``stamp``) atomically; an existing file with the
-    same :func:`atlas_stamp` is kept (resume). Returns ``(index rows, quarantine rows)``;
+    ``scale``, ``n_real``, ``n_input``, ``stamp``) atomically; an existing file is kept
+    (resume) only when its ``stamp`` equals :func:`input_stamp`: same settings, code
+    and input PLY bytes. Returns ``(index rows, quarantine rows)``;
     a quarantine row is ``{"id", "reason"}`` (unreadable file, missing properties,
     NaN/inf, zero Gaussians).
     """
@@ -671,17 +702,18 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
 
     reader = reader or read_ply
     out_dir = Path(out_dir)
-    stamp = atlas_stamp(cfg)
+    cfg_stamp = atlas_stamp(cfg)
     rows: list[dict] = []
     quarantine: list[dict] = []
     todo = []
     for it in items:
         rel = f"atlases/{it.get('shard') or 'shard-00000'}/{it['id']}.npz"
         path = out_dir / rel
+        it = {**it, "stamp": input_stamp(cfg_stamp, it["src"], use_gs2sphere)}
         if path.exists():
             try:
                 with np.load(path) as z:
-                    if str(z["stamp"]) == stamp:
+                    if str(z["stamp"]) == it["stamp"]:
                         rows.append(_index_row(it, rel, z))
                         continue
             except (OSError, ValueError, KeyError):
@@ -719,7 +751,7 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
             for (it, rel), a, m in results:
                 with gio.atomic_path(out_dir / rel, suffix=".npz") as tmp:
                     np.savez(tmp, atlas=np.asarray(a, dtype=np.float32), center=np.asarray(m["center"]),
-                             scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=stamp)
+                             scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=it["stamp"])
                 with np.load(out_dir / rel) as z:
                     rows.append(_index_row(it, rel, z))
         bar.update(len(todo[start:start + max(1, batch)]))

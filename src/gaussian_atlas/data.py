@@ -313,14 +313,17 @@ def object_facts(src: ObjectSource, captions: dict[str, str] | None) -> tuple[di
         "id": src.id, "layout": src.layout, "source_path": src.path, "n_views": 0, "width": 0, "height": 0,
         "n_image_sizes": 0, "poses_finite": True, "max_rotation_error": 0.0, "alpha_coverage": float("nan"),
         "alpha_coverage_min_view": float("nan"), "has_alpha": True, "fov_x_deg": float("nan"),
-        "caption": None, "read_error": None, "has_surface_samples": False,
+        "caption": None, "read_error": None, "has_surface_samples": False, "split": "train",
     }
     meta_caption = None
     obj_json = Path(src.path) / "object.json"
     if src.layout == "nerf" and obj_json.exists():
         try:
-            meta_caption = gio.read_json(obj_json).get("caption")
-        except (OSError, json.JSONDecodeError):
+            meta = gio.read_json(obj_json)
+            meta_caption = meta.get("caption")
+            # "train", or "ceiling": rendered for a held-out prompt, fit and scored but never trained on
+            facts["split"] = str(meta.get("split") or "train")
+        except (OSError, json.JSONDecodeError, AttributeError):
             meta_caption = None
     facts["caption"] = (captions or {}).get(src.id, meta_caption if captions is None else None)
     facts["has_surface_samples"] = (Path(src.path) / "surface_samples.npz").exists()
@@ -476,6 +479,7 @@ def ingest(cfg: IngestConfig, out_dir: str | os.PathLike, docs_dir: str | os.Pat
             "n_views": facts["n_views"], "width": facts["width"], "height": facts["height"],
             "alpha_coverage": facts["alpha_coverage"], "fov_x_deg": facts["fov_x_deg"],
             "has_surface_samples": facts["has_surface_samples"], "layout": src.layout, "source_path": src.path,
+            "split": facts.get("split", "train"),
         })
     # Remove object folders left from earlier runs that are no longer accepted.
     if objects_root.exists():
@@ -488,7 +492,7 @@ def ingest(cfg: IngestConfig, out_dir: str | os.PathLike, docs_dir: str | os.Pat
 
     manifest = pd.DataFrame(manifest_rows, columns=[
         "id", "caption", "path", "shard", "n_views", "width", "height", "alpha_coverage", "fov_x_deg",
-        "has_surface_samples", "layout", "source_path"])
+        "has_surface_samples", "layout", "source_path", "split"])
     gio.write_parquet(out_dir / "manifest.parquet", manifest)
     quarantine = pd.DataFrame(quarantine_rows, columns=["id", "source_path", "reason"])
     with gio.atomic_path(out_dir / "quarantine.csv") as tmp:

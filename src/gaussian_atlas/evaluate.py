@@ -70,7 +70,7 @@ from .sample import SampleConfig
 __all__ = ["EvaluateConfig", "PromptSpec", "parse_caption", "benchmark_prompts", "read_prompts", "random_views",
            "rendered_palette", "object_palettes", "nearest_colour", "render_premultiplied", "alpha_weighted_colour", "object_colours",
            "surface_points", "normalise_points", "height_frame", "chamfer", "candidate_clouds", "junction_height",
-           "split_height", "classify_shape", "random_atlases", "score_objects", "summarise",
+           "split_height", "classify_shape", "random_atlases", "score_objects", "summarise", "bootstrap_ci",
            "ClipScorer", "load_clip", "VqaScorer", "load_vqa", "Evaluation", "evaluate", "skipped", "gallery_html", "slug", "CHANCE"]
 
 SOURCES = ("generated", "ceiling", "floor")
@@ -85,6 +85,9 @@ class EvaluateConfig:
     n_seen, n_held_out, n_compositions : the built-in prompts: single-part captions seen
         in training, shape x colour combinations never seen in training (neither alone nor
         as a part), and two-part compositions (alternately seen and new). Paper: 100 prompts.
+    samples_per_prompt : objects generated per prompt (sampling seeds); the ceiling and the
+        floor get as many. Confidence intervals resample prompts, then samples within them.
+    n_bootstrap : bootstrap resamples of the 95 % confidence intervals.
     n_views : random views per prompt (paper: 10).
     resolution : side of the evaluation views in pixels.
     elevation_min_deg, elevation_max_deg, radius, fov_deg : the random views (azimuth
@@ -105,6 +108,8 @@ class EvaluateConfig:
     n_seen: int = 6
     n_held_out: int = 4
     n_compositions: int = 2
+    samples_per_prompt: int = 4
+    n_bootstrap: int = 2000
     n_views: int = 10
     resolution: int = 128
     elevation_min_deg: float = 0.0
@@ -127,6 +132,9 @@ class EvaluateConfig:
         for k in ("n_seen", "n_held_out", "n_compositions"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.samples_per_prompt < 1 or self.n_bootstrap < 100:
+            raise ValueError(f"samples_per_prompt must be >= 1 and n_bootstrap >= 100, got {self.samples_per_prompt}, "
+                             f"{self.n_bootstrap}")
         if self.n_views < 1 or self.resolution < 8:
             raise ValueError(f"n_views must be >= 1 and resolution >= 8, got {self.n_views}, {self.resolution}")
         if not self.elevation_min_deg <= self.elevation_max_deg:
@@ -216,8 +224,9 @@ def _round_robin(items: list, key, rng: np.random.Generator, n: int) -> list:
 
 
 def benchmark_prompts(train_captions: Sequence[str], n_seen: int = 6, n_held_out: int = 4,
-                      n_compositions: int = 2, seed: int = 0) -> list[PromptSpec]:
-    """The built-in evaluation prompts, deterministic in ``(train_captions, counts, seed)``.
+                      n_compositions: int = 2, seed: int = 0,
+                      held_out_captions: Sequence[str] | None = None) -> list[PromptSpec]:
+    """The built-in evaluation prompts, deterministic in ``(train_captions, counts, seed, held_out_captions)``.
 
     * ``n_seen`` single-part captions that occur in training (spread over shapes);
     * ``n_held_out`` shape x colour combinations that occur in **no** training caption,
@@ -225,6 +234,11 @@ def benchmark_prompts(train_captions: Sequence[str], n_seen: int = 6, n_held_out
       (so every word is known to the text encoder): compositional generalisation;
     * ``n_compositions`` two-part stacks, alternately a training caption and a new one
       (top: any shape, bottom: a flat-topped one, two colours).
+
+    ``held_out_captions``: the prompts the data set declares held out (the captions of its
+    ``split == "ceiling"`` objects, :func:`gaussian_atlas.procedural.holdout_sets`). When
+    given, held-out singles and new stacks are taken from them (a ceiling exists for each),
+    and a declared prompt found among the training captions raises ``ValueError`` (a leak).
 
     Fewer prompts come back when the training set does not have enough of a kind (e.g.
     every combination seen): the caller records the counts.
@@ -240,15 +254,26 @@ def benchmark_prompts(train_captions: Sequence[str], n_seen: int = 6, n_held_out
     singles = sorted({p for p in parsed if len(p) == 1})
     out = [PromptSpec(_caption_of(p), p, False, "single")
            for p in _round_robin(singles, lambda p: p[0][0], rng, n_seen)]
-    novel = [((s, c),) for s in SHAPES for c in COLORS
-             if (s, c) not in seen_parts and s in seen_shapes and c in seen_colours]
+    declared = None
+    if held_out_captions is not None:
+        declared = sorted({p for p in (parse_caption(c) for c in held_out_captions) if p})
+        leaks = [_caption_of(p) for p in declared
+                 if _caption_of(p) in train_set or (len(p) == 1 and p[0] in seen_parts)]
+        if leaks:
+            raise ValueError(f"held-out prompts occur in the training captions (split leak): {leaks[:5]}")
+        novel = [p for p in declared if len(p) == 1]
+    else:
+        novel = [((s, c),) for s in SHAPES for c in COLORS
+                 if (s, c) not in seen_parts and s in seen_shapes and c in seen_colours]
     out += [PromptSpec(_caption_of(p), p, True, "single")
             for p in _round_robin(novel, lambda p: p[0][0], rng, n_held_out)]
     comps_seen = sorted({p for p in parsed if len(p) == 2})
     comps_seen = [comps_seen[int(i)] for i in rng.permutation(len(comps_seen))]
     colours = sorted(COLORS)
-    comps_new = []
-    while len(comps_new) < n_compositions and seen_shapes:
+    comps_new: list = []
+    if declared is not None:
+        comps_new = [p for p in declared if len(p) == 2]
+    while declared is None and len(comps_new) < n_compositions and seen_shapes:
         top = SHAPES[int(rng.integers(len(SHAPES)))]
         bottom = STACK_BOTTOM_SHAPES[int(rng.integers(len(STACK_BOTTOM_SHAPES)))]
         c1, c2 = (colours[int(j)] for j in rng.choice(len(colours), size=2, replace=False))
@@ -700,20 +725,64 @@ def _mean(xs: Sequence[float]) -> float | None:
     return round(float(np.mean(xs)), 6) if xs else None
 
 
-def summarise(rows: Sequence[Mapping[str, Any]], specs: Sequence[PromptSpec]) -> dict[str, Any]:
-    """Accuracies and mean distances over the scored rows (all, seen, held-out, compositions)."""
+def bootstrap_ci(values: Sequence[float], groups: Sequence[Any], n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of ``values``, resampling in two stages.
+
+    ``groups`` (one label per value, e.g. the prompt) are drawn with replacement, then the
+    values within each drawn group (e.g. its sampling seeds) with replacement; the mean of a
+    resample weighs every value alike. Missing / non-finite values are dropped first.
+    Returns ``(low, high)`` at ``level``, or None with no values.
+    """
+    v = np.asarray([np.nan if x is None else float(x) for x in values], dtype=np.float64)
+    g = np.asarray(list(groups), dtype=object)
+    ok = np.isfinite(v)
+    v, g = v[ok], g[ok]
+    if not len(v):
+        return None
+    labels = list(dict.fromkeys(g.tolist()))
+    sizes = np.array([int((g == lab).sum()) for lab in labels])
+    table = np.full((len(labels), sizes.max()), np.nan)  # [P, S_max] values per group
+    for i, lab in enumerate(labels):
+        table[i, :sizes[i]] = v[g == lab]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(labels), size=(n_boot, len(labels)))  # [B, P] groups drawn
+    within = (rng.random((n_boot, len(labels), sizes.max())) * sizes[pick][..., None]).astype(int)  # [B, P, S]
+    mask = np.arange(sizes.max())[None, None, :] < sizes[pick][..., None]  # each drawn group's own size
+    drawn = np.where(mask, table[pick[..., None], within], 0.0)
+    means = drawn.sum((1, 2)) / mask.sum((1, 2))  # [B]
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return round(float(lo), 6), round(float(hi), 6)
+
+
+def summarise(rows: Sequence[Mapping[str, Any]], specs: Sequence[PromptSpec], groups: Sequence[Any] | None = None,
+              n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Accuracies and mean distances over the scored rows (all, seen, held-out, compositions), each with
+    its 95 % bootstrap interval (``<metric>_ci95``: prompts, then samples within a prompt, resampled).
+
+    ``groups``: the prompt of each row (rows of one prompt are its samples); default: one prompt per row.
+    """
+    groups = list(range(len(rows))) if groups is None else list(groups)
+
     def block(idx: list[int]) -> dict[str, Any]:
-        r = [rows[i] for i in idx if rows[i]]
-        return {"n": len(r), "colour_accuracy": _mean([x["colour_correct"] for x in r]),
-                "shape_accuracy": _mean([x["shape_correct"] for x in r]),
-                "both_accuracy": _mean([x["both_correct"] for x in r]),
-                "colour_distance": _mean([x["colour_distance"] for x in r]),
-                "chamfer": _mean([x["chamfer"] for x in r])}
+        idx = [i for i in idx if rows[i]]
+        r = [rows[i] for i in idx]
+        out: dict[str, Any] = {"n": len(r), "n_prompts": len({groups[i] for i in idx})}
+        for name, key in (("colour_accuracy", "colour_correct"), ("shape_accuracy", "shape_correct"),
+                          ("both_accuracy", "both_correct"), ("colour_distance", "colour_distance"),
+                          ("chamfer", "chamfer")):
+            vals = [x[key] for x in r]
+            out[name] = _mean(vals)
+            ci = bootstrap_ci(vals, [groups[i] for i in idx], n_boot, seed)
+            out[f"{name}_ci95"] = list(ci) if ci else None
+        return out
 
     all_idx = [i for i, s in enumerate(specs) if s.parts is not None]
     out = block(all_idx)
     out["seen"] = block([i for i in all_idx if not specs[i].held_out])
     out["held_out"] = block([i for i in all_idx if specs[i].held_out])
+    out["seen_singles"] = block([i for i in all_idx if not specs[i].held_out and specs[i].kind == "single"])
+    out["held_out_singles"] = block([i for i in all_idx if specs[i].held_out and specs[i].kind == "single"])
     out["compositions"] = block([i for i in all_idx if specs[i].kind == "composition"])
     return out
 
@@ -844,33 +913,44 @@ def load_vqa(path: str | None, name: str = "clip-flant5-xxl", device: str | torc
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate` returns (the stage writes it out)."""
+    """What :func:`evaluate` returns (the stage writes it out).
 
-    specs: list[PromptSpec]
-    seeds: list[int]  # generation seed of each prompt
-    atlases: Tensor  # [B, 16, S, S] generated, de-normalised (CPU)
-    gaussians: Any  # Gaussians [B, N] generated, unit-ball frame (CPU)
-    objects: dict[str, list[int]]  # source -> the prompt indices it has an object for
+    Objects are generated ``samples_per_prompt`` times per prompt: entry ``j`` of ``seeds``,
+    ``atlases``, ``gaussians`` and the views is sample ``sample_of[j] = (prompt index, k)``;
+    prompt ``i``'s first sample is entry ``i * samples_per_prompt``.
+    """
+
+    specs: list[PromptSpec]  # the distinct prompts
+    seeds: list[int]  # generation seed of each sample
+    atlases: Tensor  # [P*S, 16, S, S] generated, de-normalised (CPU)
+    gaussians: Any  # Gaussians [P*S, N] generated, unit-ball frame (CPU)
+    objects: dict[str, list[int]]  # source -> the sample indices it has an object for
     views: dict[str, np.ndarray]  # source -> uint8 [B_source, V, H, W, 3] on white
-    rows: list[dict[str, Any]]  # one per (prompt, source)
+    rows: list[dict[str, Any]]  # one per (sample, source)
     metrics: dict[str, Any]  # metrics/evaluate.json
+    sample_of: list[tuple[int, int]] = field(default_factory=list)  # sample -> (prompt index, k)
 
 
-def ceiling_atlases(index: Any, atlas_dir: str | Path, specs: Sequence[PromptSpec]) -> dict[int, np.ndarray]:
-    """``{prompt index: atlas [16, S, S]}``: for each prompt, the first training atlas (by id) whose
-    caption is the prompt (case and spacing ignored); prompts without one are absent.
+def ceiling_atlases(index: Any, atlas_dir: str | Path, specs: Sequence[PromptSpec],
+                    limit: int = 1) -> dict[int, np.ndarray]:
+    """``{prompt index: atlases [K, 16, S, S]}``: for each prompt, up to ``limit`` atlases (by id) of
+    objects whose caption is the prompt (case and spacing ignored): training objects for a seen
+    prompt, the ``split == "ceiling"`` objects rendered for a held-out one. Prompts without any are absent.
 
     index : the atlas stage's ``index.parquet`` as a DataFrame (``id``, ``caption``, ``path``).
     """
-    by_caption: dict[str, str] = {}
+    by_caption: dict[str, list[str]] = {}
     for r in index.sort_values("id").itertuples(index=False):
-        by_caption.setdefault(" ".join(str(r.caption).lower().split()), r.path)
+        by_caption.setdefault(" ".join(str(r.caption).lower().split()), []).append(r.path)
     out: dict[int, np.ndarray] = {}
     for i, s in enumerate(specs):
-        rel = by_caption.get(" ".join(s.prompt.lower().split()))
-        if rel is not None:
-            with np.load(Path(atlas_dir) / rel) as z:
-                out[i] = z["atlas"].astype(np.float32)
+        rels = by_caption.get(" ".join(s.prompt.lower().split()), [])[:max(1, limit)]
+        if rels:
+            arrays = []
+            for rel in rels:
+                with np.load(Path(atlas_dir) / rel) as z:
+                    arrays.append(z["atlas"].astype(np.float32))
+            out[i] = np.stack(arrays)
     return out
 
 
@@ -880,15 +960,18 @@ def _view_seed(seed: int, i: int) -> int:
 
 def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = EvaluateConfig(),
              ceiling: Mapping[int, Tensor] | None = None, progress: bool = False) -> Evaluation:
-    """Generate an object per prompt and score it, the ceiling and the floor (see the module docstring).
+    """Generate ``cfg.samples_per_prompt`` objects per prompt and score them, the ceiling and the floor
+    (see the module docstring).
 
     model : an :class:`~gaussian_atlas.sample.AtlasModel`.
     specs : the prompts (:func:`benchmark_prompts` or :func:`read_prompts`).
-    ceiling : ``{prompt index: de-normalised atlas [16, S, S]}`` of training objects whose
-        caption is the prompt (decoded with the model's atlas grid, like generated atlases).
+    ceiling : ``{prompt index: de-normalised atlas [16, S, S] or atlases [K, 16, S, S]}`` of objects
+        whose caption is the prompt (decoded with the model's atlas grid, like generated atlases);
+        sample ``k`` of the prompt is compared with atlas ``k mod K``.
 
-    Every source is scored on the same random views per prompt (``cfg.n_views`` views,
-    seeded by ``(cfg.seed, prompt index)``).
+    Sample ``j`` (prompt ``i = j // S``, its ``k``-th) is generated with seed ``sample.seed + j``;
+    every source is scored on the same random views per sample (``cfg.n_views`` views, seeded by
+    ``(cfg.seed, j)``). Accuracies come with 95 % bootstrap intervals over prompts x samples.
     """
     import time
 
@@ -899,24 +982,29 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
         raise ValueError("no prompts to evaluate")
     t0 = time.perf_counter()
     dev = cfg.torch_device()
-    prompts = [s.prompt for s in specs]
-    B = len(specs)
-    atl, g_gen, seeds = generate(model, prompts, cfg.sample, progress=progress)
+    S = cfg.samples_per_prompt
+    sample_of = [(i, k) for i in range(len(specs)) for k in range(S)]
+    flat = [specs[i] for i, _ in sample_of]  # one spec per sample
+    groups = [i for i, _ in sample_of]
+    B = len(flat)
+    atl, g_gen, seeds = generate(model, [s.prompt for s in flat], cfg.sample, progress=progress)
     t_sample = time.perf_counter() - t0
     decode = lambda a: atlas_to_gaussians(a.float(), None, model.atlas_cfg, grid=model.grid)  # noqa: E731
     sources: dict[str, tuple[list[int], Any]] = {"generated": (list(range(B)), g_gen)}
-    ceiling = dict(ceiling or {})
+    ceiling = {i: torch.as_tensor(np.asarray(a)) for i, a in dict(ceiling or {}).items()}
+    ceiling = {i: (a[None] if a.dim() == 3 else a) for i, a in ceiling.items()}  # [K, 16, S, S]
     if ceiling:
-        idx = sorted(ceiling)
-        sources["ceiling"] = (idx, decode(torch.stack([torch.as_tensor(ceiling[i]) for i in idx]).to(dev)))
+        idx = [j for j, (i, _) in enumerate(sample_of) if i in ceiling]
+        cat = torch.stack([ceiling[sample_of[j][0]][sample_of[j][1] % len(ceiling[sample_of[j][0]])] for j in idx])
+        sources["ceiling"] = (idx, decode(cat.to(dev)))
     sources["floor"] = (list(range(B)), decode(random_atlases(B, model.mean, model.std, cfg.seed).to(dev)))
 
-    cams = [random_views(cfg.n_views, cfg.resolution, _view_seed(cfg.seed, i), cfg.elevation_min_deg,
-                         cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for i in range(B)]
+    cams = [random_views(cfg.n_views, cfg.resolution, _view_seed(cfg.seed, j), cfg.elevation_min_deg,
+                         cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for j in range(B)]
     c2w = torch.stack([c for c, _ in cams])  # [B, V, 4, 4]
     K = torch.stack([k for _, k in cams])  # [B, V, 3, 3]
-    palettes = [object_palettes([p for p, _ in s.parts], c2w[i], K[i], cfg.resolution) if s.parts else []
-                for i, s in enumerate(specs)]  # the prompted object as the renderer shows it, per part
+    palettes = [object_palettes([p for p, _ in s.parts], c2w[j], K[j], cfg.resolution) if s.parts else []
+                for j, s in enumerate(flat)]  # the prompted object as the renderer shows it, per part
     clip = load_clip(cfg.clip_model, dev)
     vqa = load_vqa(cfg.vqa_model, cfg.vqa_name, dev)
 
@@ -930,35 +1018,37 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
         rgb, alpha = render_premultiplied(g, c2w[idx], K[idx], cfg.resolution)
         views[source] = on_white_u8(rgb, alpha)
         objects[source] = list(idx)
-        sub = [specs[i] for i in idx]
-        scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, [palettes[i] for i in idx], cfg, seed=cfg.seed,
+        sub = [flat[j] for j in idx]
+        scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, [palettes[j] for j in idx], cfg, seed=cfg.seed,
                                colours=alpha_weighted_colour(rgb, alpha))
         cs = clip(views[source], [s.prompt for s in sub]) if isinstance(clip, ClipScorer) else None
         vs = vqa(views[source], [s.prompt for s in sub]) if isinstance(vqa, VqaScorer) else None
         clip_means[source] = None if cs is None else round(float(np.mean(cs)), 4)
         vqa_means[source] = None if vs is None else round(float(np.mean(vs)), 4)
-        summaries[source] = summarise(scores, sub)
-        for j, (i, sc) in enumerate(zip(idx, scores)):
-            s = specs[i]
+        summaries[source] = summarise(scores, sub, [groups[j] for j in idx], cfg.n_bootstrap, cfg.seed)
+        for n, (j, sc) in enumerate(zip(idx, scores)):
+            s = flat[j]
             rows.append({
-                "index": i, "prompt": s.prompt, "kind": s.kind, "held_out": s.held_out,
+                "index": sample_of[j][0], "sample": sample_of[j][1], "prompt": s.prompt, "kind": s.kind,
+                "held_out": s.held_out,
                 "parts": ";".join(f"{c} {sh}" for sh, c in s.parts) if s.parts else "",
-                "seed": seeds[i] if source == "generated" else None, "source": source,
+                "seed": seeds[j] if source == "generated" else None, "source": source,
                 "colour_pred": sc.get("colour_pred"), "colour_correct": sc.get("colour_correct"),
                 "colour_distance": sc.get("colour_distance"), "shape_pred": sc.get("shape_pred"),
                 "shape_correct": sc.get("shape_correct"), "chamfer": sc.get("chamfer"),
                 "chamfer_best": sc.get("chamfer_best"), "both_correct": sc.get("both_correct"),
-                "clip_score": None if cs is None else round(float(cs[j]), 4),
-                "vqa_score": None if vs is None else round(float(vs[j]), 4),
+                "clip_score": None if cs is None else round(float(cs[n]), 4),
+                "vqa_score": None if vs is None else round(float(vs[n]), 4),
             })
     kinds = [s.kind for s in specs]
     metrics: dict[str, Any] = {
-        "n_prompts": B,
+        "n_prompts": len(specs), "samples_per_prompt": S, "n_samples": B,
         "n_single_seen": sum(1 for s in specs if s.kind == "single" and not s.held_out),
         "n_single_held_out": sum(1 for s in specs if s.kind == "single" and s.held_out),
         "n_compositions": kinds.count("composition"), "n_free": kinds.count("free"),
         "n_ceiling": len(ceiling), "n_views": cfg.n_views, "resolution": cfg.resolution,
         "steps": cfg.sample.steps, "guidance": cfg.sample.guidance,
+        "ci": f"95 % percentile bootstrap, {cfg.n_bootstrap} resamples of prompts, then of samples within a prompt",
         **{src: summaries[src] for src in SOURCES if src in summaries},
         "chance": {k: round(v, 6) for k, v in CHANCE.items()},
         "clip_score": (clip if isinstance(clip, dict) else
@@ -970,7 +1060,7 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
     }
     g_cpu = g_gen.to("cpu")
     return Evaluation(specs=list(specs), seeds=list(seeds), atlases=atl.detach().cpu(), gaussians=g_cpu,
-                      objects=objects, views=views, rows=rows, metrics=metrics)
+                      objects=objects, views=views, rows=rows, metrics=metrics, sample_of=sample_of)
 
 
 # --------------------------------------------------------------------------- gallery

@@ -49,7 +49,9 @@ __all__ = [
     "SHAPE_NOUNS",
     "COLORS",
     "STACK_BOTTOM_SHAPES",
+    "HoldoutConfig",
     "ProceduralConfig",
+    "holdout_sets",
     "make_primitive",
     "object_specs",
     "object_seed",
@@ -94,6 +96,37 @@ COLORS: dict[str, tuple[int, int, int]] = {
 
 
 @dataclass(frozen=True)
+class HoldoutConfig:
+    """Prompts kept out of the 3D training set (``params.yaml: generate.holdout``).
+
+    singles
+        Shape x colour pairs never rendered into a training object, neither alone nor as
+        a part of a stack; chosen spread over shapes and colours (see :func:`holdout_sets`).
+    compositions
+        Two-part stacks (top, bottom) whose caption never occurs among the training objects
+        (their parts may, so every word is known).
+    ceiling_per_prompt
+        Extra objects rendered per held-out prompt with split ``"ceiling"``: they are fit
+        and turned into atlases like the rest but never trained on; the evaluation uses
+        them as the held-out prompts' ceiling (what a perfect model of the fits would score).
+    seed
+        Offset of the choice (the generator's ``seed`` is mixed in).
+    """
+
+    singles: int = 0
+    compositions: int = 0
+    ceiling_per_prompt: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.singles <= len(SHAPES) * len(COLORS) - 1:
+            raise ValueError(f"holdout.singles must be in [0, {len(SHAPES) * len(COLORS) - 1}], got {self.singles}")
+        if self.compositions < 0 or self.ceiling_per_prompt < 0:
+            raise ValueError("holdout.compositions and holdout.ceiling_per_prompt must be >= 0, got "
+                             f"{self.compositions}, {self.ceiling_per_prompt}")
+
+
+@dataclass(frozen=True)
 class ProceduralConfig:
     """The built-in dataset.
 
@@ -109,6 +142,8 @@ class ProceduralConfig:
         Views, resolution and shading of the renders.
     workers
         Processes rendering objects in parallel; 0 or 1 renders in-process.
+    holdout
+        Prompts kept out of the training objects, and the ceiling objects rendered for them.
     """
 
     n_objects: int = 48
@@ -116,10 +151,13 @@ class ProceduralConfig:
     seed: int = 0
     render: RenderConfig = field(default_factory=RenderConfig)
     workers: int = 2
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.render, Mapping):  # a params.yaml section
             object.__setattr__(self, "render", RenderConfig(**self.render))
+        if isinstance(self.holdout, Mapping):
+            object.__setattr__(self, "holdout", HoldoutConfig(**self.holdout))
         if self.n_objects < 0:
             raise ValueError(f"n_objects must be >= 0, got {self.n_objects}")
         if not 0.0 <= self.composition_fraction <= 1.0:
@@ -227,6 +265,39 @@ def _caption(parts: list[dict[str, Any]]) -> str:
     return " on top of ".join(phrases)
 
 
+def holdout_sets(cfg: ProceduralConfig) -> tuple[list[tuple[str, str]], list[tuple[tuple[str, str], tuple[str, str]]]]:
+    """The held-out ``(shape, colour)`` pairs and ``((top shape, colour), (bottom shape, colour))`` stacks.
+
+    Singles are spread over shapes and colours: pair ``k`` takes colour ``k mod 12`` and
+    shape ``k mod 9`` of two seeded permutations, so 12 held-out pairs use every colour
+    once and every shape once or twice. Stacks are drawn like the generator's (top: any
+    shape, bottom: a flat-topped one, two different colours) and never use a held-out pair
+    as a part, so that a stack's score measures composition, not an unseen part.
+    Deterministic in ``(cfg.seed, cfg.holdout)``.
+    """
+    h = cfg.holdout
+    rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), int(h.seed), 0x401D]))
+    colours, shapes = list(COLORS), list(SHAPES)
+    cperm, sperm = rng.permutation(len(colours)), rng.permutation(len(shapes))
+    singles: list[tuple[str, str]] = []
+    k = 0
+    while len(singles) < h.singles:
+        pair = (shapes[int(sperm[k % len(shapes)])], colours[int(cperm[(k + k // len(colours)) % len(colours)])])
+        if pair not in singles:
+            singles.append(pair)
+        k += 1
+    held = set(singles)
+    stacks: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    while len(stacks) < h.compositions:
+        top = shapes[int(rng.integers(len(shapes)))]
+        bottom = STACK_BOTTOM_SHAPES[int(rng.integers(len(STACK_BOTTOM_SHAPES)))]
+        c_top, c_bottom = (colours[int(j)] for j in rng.choice(len(colours), size=2, replace=False))
+        st = ((top, c_top), (bottom, c_bottom))
+        if st not in stacks and not ({st[0], st[1]} & held):
+            stacks.append(st)
+    return singles, stacks
+
+
 def object_specs(cfg: ProceduralConfig) -> list[dict[str, Any]]:
     """The deterministic list of objects of the dataset.
 
@@ -237,20 +308,29 @@ def object_specs(cfg: ProceduralConfig) -> list[dict[str, Any]]:
     parts with different colours, the bottom one from
     :data:`STACK_BOTTOM_SHAPES`.
 
+    With ``cfg.holdout``, the pairs and stacks of :func:`holdout_sets` never occur in
+    the ``n_objects`` training objects (a held-out single is skipped in the cycle; a stack
+    is redrawn until it uses no held-out pair and is not a held-out stack), and
+    ``ceiling_per_prompt`` objects per held-out prompt follow them, with split
+    ``"ceiling"`` (ids continue the numbering).
+
     Returns
     -------
     list of dict
         ``{"id": "proc-00000", "caption": str, "parts": [{"shape", "color",
-        "rgb"}] (top first, as in the caption), "seed": int}``.
+        "rgb"}] (top first, as in the caption), "seed": int, "split": "train" | "ceiling"}``.
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 0x5EED]))
     color_names = list(COLORS)
     colors_per_shape = {s: [color_names[i] for i in rng.permutation(len(color_names))] for s in SHAPES}
+    held_singles, held_stacks = holdout_sets(cfg)
+    held = set(held_singles)
     singles: list[tuple[str, str]] = []
     for r in range(len(color_names)):
         for k in rng.permutation(len(SHAPES)):
             shape = SHAPES[int(k)]
-            singles.append((shape, colors_per_shape[shape][r]))
+            if (shape, colors_per_shape[shape][r]) not in held:
+                singles.append((shape, colors_per_shape[shape][r]))
 
     f = float(cfg.composition_fraction)
     specs: list[dict[str, Any]] = []
@@ -258,17 +338,26 @@ def object_specs(cfg: ProceduralConfig) -> list[dict[str, Any]]:
     for i in range(cfg.n_objects):
         is_stack = math.floor((i + 1) * f + 1e-9) > math.floor(i * f + 1e-9)
         if is_stack:
-            top = SHAPES[int(rng.integers(len(SHAPES)))]
-            bottom = STACK_BOTTOM_SHAPES[int(rng.integers(len(STACK_BOTTOM_SHAPES)))]
-            c_top, c_bottom = (color_names[int(j)] for j in rng.choice(len(color_names), size=2, replace=False))
+            while True:
+                top = SHAPES[int(rng.integers(len(SHAPES)))]
+                bottom = STACK_BOTTOM_SHAPES[int(rng.integers(len(STACK_BOTTOM_SHAPES)))]
+                c_top, c_bottom = (color_names[int(j)] for j in rng.choice(len(color_names), size=2, replace=False))
+                if not ({(top, c_top), (bottom, c_bottom)} & held) and ((top, c_top), (bottom, c_bottom)) not in held_stacks:
+                    break
             parts = [_part(top, c_top), _part(bottom, c_bottom)]
         else:
             shape, color = singles[n_single % len(singles)]
             n_single += 1
             parts = [_part(shape, color)]
-        specs.append(
-            {"id": f"proc-{i:05d}", "caption": _caption(parts), "parts": parts, "seed": object_seed(cfg.seed, i)}
-        )
+        specs.append({"id": f"proc-{i:05d}", "caption": _caption(parts), "parts": parts,
+                      "seed": object_seed(cfg.seed, i), "split": "train"})
+    held_prompts = [[_part(*p)] for p in held_singles] + [[_part(*a), _part(*b)] for a, b in held_stacks]
+    i = cfg.n_objects
+    for parts in held_prompts:
+        for _ in range(cfg.holdout.ceiling_per_prompt):
+            specs.append({"id": f"proc-{i:05d}", "caption": _caption(parts), "parts": parts,
+                          "seed": object_seed(cfg.seed, i), "split": "ceiling"})
+            i += 1
     return specs
 
 
@@ -284,7 +373,8 @@ def _render_one(spec: Mapping[str, Any], out_dir: str, render_cfg: RenderConfig)
         object_id=spec["id"],
         cfg=render_cfg,
         seed=int(spec["seed"]),
-        extra_meta={"parts": spec["parts"], "source": "procedural", "config_hash": _spec_hash(spec, render_cfg)},
+        extra_meta={"parts": spec["parts"], "source": "procedural", "split": spec.get("split", "train"),
+                    "config_hash": _spec_hash(spec, render_cfg)},
     )
 
 
@@ -375,10 +465,18 @@ def generate_dataset(cfg: ProceduralConfig, out_root: str | os.PathLike, progres
             bar.close()
 
     captions = out_root / "captions.jsonl"
-    write_text(captions, "".join(json.dumps({"id": s["id"], "caption": s["caption"]}) + "\n" for s in specs))
+    write_text(captions, "".join(json.dumps({"id": s["id"], "caption": s["caption"], "split": s["split"]}) + "\n"
+                                 for s in specs))
+    held_singles, held_stacks = holdout_sets(cfg)
+    write_text(out_root / "holdout.json", json.dumps({
+        "singles": [_caption([_part(*p)]) for p in held_singles],
+        "compositions": [_caption([_part(*a), _part(*b)]) for a, b in held_stacks],
+        "ceiling_ids": [s["id"] for s in specs if s["split"] == "ceiling"]}, indent=1) + "\n")
     return {
         "out_root": str(out_root),
         "n_objects": len(specs),
+        "n_train": sum(s["split"] == "train" for s in specs),
+        "n_ceiling": sum(s["split"] == "ceiling" for s in specs),
         "n_rendered": len(todo),
         "n_skipped": len(specs) - len(todo),
         "seconds": time.perf_counter() - t0,

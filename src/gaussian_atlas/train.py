@@ -91,15 +91,18 @@ class TrainData:
 
 def load_train_data(atlas_dir: str | Path, stats_path: str | Path, ingested_dir: str | Path, atlas_cfg: Any,
                     render_resolution: int = 32, ref_views: int = 4) -> TrainData:
-    """Normalised atlases, captions and a few reference views per object, in memory."""
+    """Normalised atlases, captions and a few reference views per object, in memory.
+
+    Only the training split: objects of ``split == "ceiling"`` (rendered for held-out prompts) are left out.
+    """
     import pandas as pd
 
-    from .atlas import sphere_to_grid
+    from .atlas import sphere_to_grid, training_rows
     from .data import load_manifest, load_object
     from .normalize import RunningStats, normalize
 
     atlas_dir = Path(atlas_dir)
-    index = pd.read_parquet(atlas_dir / "index.parquet")
+    index = training_rows(pd.read_parquet(atlas_dir / "index.parquet"))  # never the held-out prompts' ceiling objects
     if not len(index):
         raise ValueError(f"{atlas_dir / 'index.parquet'} lists no atlases: nothing to train on")
     stats = RunningStats.load(stats_path)

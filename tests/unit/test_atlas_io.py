@@ -76,3 +76,24 @@ def test_cli_atlas_gaussianverse_layout(tmp_path):
     assert r.returncode == 0, r.stderr
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     assert sorted(index["id"]) == ["obj0", "obj1"] and (index["n_real"] == 40).all()
+
+
+def test_changed_fit_rebuilds_its_atlas_only(tmp_path):
+    """The reuse key covers the input PLY: a refit object (same id, path, settings, code) gets a new
+    atlas built from the new fit; an unchanged object keeps its file."""
+    d = tmp_path / "plys"
+    d.mkdir()
+    write_ply(d / "a.ply", _g(50, 1))
+    write_ply(d / "b.ply", _g(60, 2))
+    items = [{"id": k, "src": str(d / f"{k}.ply"), "shard": "s", "caption": k} for k in ("a", "b")]
+    cfg = AtlasConfig(side=8, method="scipy", cache_dir=str(tmp_path / "cache"))
+    rows, _ = write_atlases(items, cfg, tmp_path / "out", progress=False)
+    paths = {r["id"]: tmp_path / "out" / r["path"] for r in rows}
+    before = {k: (p.stat().st_mtime_ns, np.load(p)["atlas"].copy()) for k, p in paths.items()}
+    write_ply(d / "a.ply", _g(70, 9))  # object a refit: another Gaussian count and values
+    rows2, _ = write_atlases(items, cfg, tmp_path / "out", progress=False)
+    with np.load(paths["a"]) as z:
+        assert int(z["n_real"]) == 70
+        assert not np.allclose(z["atlas"], before["a"][1])
+    assert paths["b"].stat().st_mtime_ns == before["b"][0]  # untouched input: reused
+    assert {r["id"]: r["n_real"] for r in rows2} == {"a": 70, "b": 60}

@@ -227,7 +227,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     specs = benchmark_prompts(["a red cube", "a blue sphere", "a green torus", "a red cone on top of a blue cube"],
                               n_seen=2, n_held_out=1, n_compositions=1)
     specs.append(PromptSpec("a dog", None, True, "free"))
-    cfg = EvaluateConfig(n_views=2, resolution=16, rotations=2, shape_points=128,
+    cfg = EvaluateConfig(n_views=2, resolution=16, rotations=2, shape_points=128, samples_per_prompt=1,
                          clip_model=str(_tiny_clip(tmp_path / "clip")),
                          sample=SampleConfig(steps=2, frames=2, resolution=16))
     ceiling = {0: m.mean.numpy()}
@@ -273,5 +273,59 @@ def test_ceiling_is_the_first_training_atlas_with_the_prompt_as_caption(tmp_path
              PromptSpec("a blue cone", (("cone", "blue"),), False, "single")]
     c = ceiling_atlases(index, tmp_path, specs)
     assert sorted(c) == [0, 2]  # the held-out prompt has no ceiling
-    assert c[0][0, 0, 0] == 1.0  # "A  Red Cube" (obj-1) comes before "a red cube" (obj-2) by id
-    assert c[2].dtype == np.float32 and c[2].shape == (16, 2, 2) and c[2][0, 0, 0] == 2.0
+    assert c[0].shape == (1, 16, 2, 2) and c[0][0, 0, 0, 0] == 1.0  # "A  Red Cube" (obj-1) before obj-2 by id
+    assert c[2].dtype == np.float32 and c[2].shape == (1, 16, 2, 2) and c[2][0, 0, 0, 0] == 2.0
+    c = ceiling_atlases(index, tmp_path, specs, limit=4)  # one per sample, as many as there are
+    assert c[0].shape == (2, 16, 2, 2) and [a[0, 0, 0] for a in c[0]] == [1.0, 0.0]
+
+
+def test_samples_per_prompt_seen_and_held_out_with_intervals(tiny_model_dir):
+    """Several samples per prompt: seeds differ per sample, every source has a row per sample, seen and
+    held-out blocks carry 95 % intervals that contain their mean, and the ceiling of sample k is atlas k."""
+    from gaussian_atlas.sample import load_atlas_model
+
+    m = load_atlas_model(tiny_model_dir)
+    train = ["a red cube", "a blue sphere", "a green torus", "a red cone on top of a blue cube"]
+    specs = benchmark_prompts(train, n_seen=2, n_held_out=1, n_compositions=0, held_out_captions=["a green cube"])
+    assert [s.held_out for s in specs] == [False, False, True] and specs[2].prompt == "a green cube"
+    cfg = EvaluateConfig(n_views=2, resolution=16, rotations=2, shape_points=128, samples_per_prompt=3,
+                         n_bootstrap=200, sample=SampleConfig(steps=2, frames=2, resolution=16))
+    ceiling = {2: np.stack([m.mean.numpy(), m.mean.numpy() + 1.0])}  # two ceiling fits of the held-out prompt
+    ev = evaluate(m, specs, cfg, ceiling)
+    assert ev.atlases.shape[0] == 9 and len(set(ev.seeds)) == 9
+    assert ev.sample_of == [(i, k) for i in range(3) for k in range(3)]
+    assert ev.objects["ceiling"] == [6, 7, 8] and len(ev.rows) == 9 + 3 + 9
+    mt = ev.metrics
+    assert mt["samples_per_prompt"] == 3 and mt["n_samples"] == 9
+    for src, n_seen, n_held in (("generated", 6, 3), ("floor", 6, 3), ("ceiling", 0, 3)):
+        assert mt[src]["seen"]["n"] == n_seen and mt[src]["held_out"]["n"] == n_held
+        b = mt[src]["held_out"]
+        assert b["n_prompts"] == 1
+        lo, hi = b["both_accuracy_ci95"]
+        assert 0.0 <= lo <= b["both_accuracy"] <= hi <= 1.0
+    gen = [r for r in ev.rows if r["source"] == "generated"]
+    assert [(r["index"], r["sample"]) for r in gen] == ev.sample_of
+
+
+def test_bootstrap_interval_resamples_prompts_then_samples():
+    from gaussian_atlas.evaluate import bootstrap_ci
+
+    # every prompt scores the same: no spread between prompts, so the interval is only within-prompt noise
+    assert bootstrap_ci([1, 1, 1, 1], ["a", "a", "b", "b"]) == (1.0, 1.0)
+    # two prompts, one always right, one always wrong: the interval spans most of [0, 1]
+    lo, hi = bootstrap_ci([1, 1, 1, 1, 0, 0, 0, 0], list("aaaabbbb"), n_boot=4000, seed=1)
+    assert lo == 0.0 and hi == 1.0
+    # many prompts of mean 0.5: the interval holds 0.5 and narrows with more prompts
+    rng = np.random.default_rng(0)
+    vals = rng.random(400) < 0.5
+    w_small = np.diff(bootstrap_ci(vals[:40], np.repeat(np.arange(10), 4)))[0]
+    lo, hi = bootstrap_ci(vals, np.repeat(np.arange(100), 4))
+    assert lo < 0.5 < hi and hi - lo < w_small
+    assert bootstrap_ci([None, float("nan")], [0, 1]) is None
+
+
+def test_declared_held_out_prompt_in_training_is_a_leak():
+    with pytest.raises(ValueError, match="leak.*a red cube"):
+        benchmark_prompts(["a red cube", "a blue cone"], 1, 1, 0, held_out_captions=["a red cube"])
+    with pytest.raises(ValueError, match="leak"):  # a held-out pair seen as a part of a stack
+        benchmark_prompts(["a red cube on top of a blue cube"], 1, 1, 0, held_out_captions=["a red cube"])

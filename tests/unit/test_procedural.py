@@ -132,7 +132,7 @@ def test_generate_dataset_layout_and_resume(tmp_path):
     assert summary["n_rendered"] == 3 and summary["n_skipped"] == 0
     specs = object_specs(cfg)
     lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
-    assert lines == [{"id": s["id"], "caption": s["caption"]} for s in specs]
+    assert lines == [{"id": s["id"], "caption": s["caption"], "split": s["split"]} for s in specs]
     assert sum(len(s["parts"]) == 2 for s in specs) == 1
     for spec in specs:
         d = tmp_path / "objects" / spec["id"]
@@ -194,3 +194,33 @@ def test_param_change_rerenders_and_fewer_objects_drops_folders(tmp_path):
     import dataclasses
     brighter = dataclasses.replace(smaller, render=dataclasses.replace(TINY, ambient=TINY.ambient + 0.1))
     assert generate_dataset(brighter, tmp_path, progress=False)["n_rendered"] == 2
+
+
+def test_holdout_never_leaks_into_training_objects():
+    """Held-out pairs occur in no training object (alone or as a part), held-out stacks in no training
+    caption; each held-out prompt gets its ceiling objects; the held-out singles cover every colour."""
+    from gaussian_atlas.evaluate import parse_caption
+    from gaussian_atlas.procedural import HoldoutConfig, holdout_sets
+
+    cfg = ProceduralConfig(n_objects=300, seed=3, holdout=HoldoutConfig(singles=12, compositions=4, ceiling_per_prompt=2))
+    singles, stacks = holdout_sets(cfg)
+    assert len(set(singles)) == 12 and len(set(stacks)) == 4
+    assert {c for _, c in singles} == set(COLORS)  # spread: every colour once
+    assert max(sum(s == sh for s, _ in singles) for sh in SHAPES) <= 2
+    specs = object_specs(cfg)
+    train = [s for s in specs if s["split"] == "train"]
+    ceiling = [s for s in specs if s["split"] == "ceiling"]
+    assert len(train) == 300 and len(ceiling) == 2 * 16
+    train_parts = {(p["shape"], p["color"]) for s in train for p in s["parts"]}
+    assert not train_parts & set(singles)
+    stack_caps = {tuple((p["shape"], p["color"]) for p in s["parts"]) for s in train if len(s["parts"]) == 2}
+    assert not stack_caps & set(stacks)
+    for s in ceiling:  # the ceiling objects are exactly the held-out prompts
+        parts = parse_caption(s["caption"])
+        assert (len(parts) == 1 and parts[0] in singles) or parts in stacks
+    assert len({s["id"] for s in specs}) == len(specs)
+    # without a holdout the training objects are the same as before the split existed
+    plain = object_specs(ProceduralConfig(n_objects=40, seed=3))
+    assert all(s["split"] == "train" for s in plain)
+    assert [s["caption"] for s in plain] == [s["caption"] for s in object_specs(
+        ProceduralConfig(n_objects=40, seed=3, holdout=HoldoutConfig(singles=0, compositions=0)))]
