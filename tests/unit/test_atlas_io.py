@@ -90,10 +90,10 @@ def test_changed_fit_rebuilds_its_atlas_only(tmp_path):
     rows, _ = write_atlases(items, cfg, tmp_path / "out", progress=False)
     paths = {r["id"]: tmp_path / "out" / r["path"] for r in rows}
     before = {k: (p.stat().st_mtime_ns, np.load(p)["atlas"].copy()) for k, p in paths.items()}
-    write_ply(d / "a.ply", _g(70, 9))  # object a refit: another Gaussian count and values
+    write_ply(d / "a.ply", _g(40, 9))  # object a refit: another Gaussian count and values
     rows2, _ = write_atlases(items, cfg, tmp_path / "out", progress=False)
     with np.load(paths["a"]) as z:
-        assert int(z["n_real"]) == 70
+        assert int(z["n_real"]) == 40
         assert not np.allclose(z["atlas"], before["a"][1])
     assert paths["b"].stat().st_mtime_ns == before["b"][0]  # untouched input: reused
-    assert {r["id"]: r["n_real"] for r in rows2} == {"a": 70, "b": 60}
+    assert {r["id"]: r["n_real"] for r in rows2} == {"a": 40, "b": 60}
