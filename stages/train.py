@@ -6,7 +6,8 @@ Reads ``params.yaml: train`` (and ``atlas`` to decode atlases for the rendering 
 Resumes from the newest checkpoint in ``--out`` (``persist: true``). Writes the final
 model folder (``<out>/model``: unet/ with EMA weights, text_encoder/, tokenizer/,
 scheduler/ (DPM-Solver++), plus ``stats.npz`` and the atlas grid index so it is
-self-contained), ``metrics/train.json``; logs losses, learning rate and samples/s per
+self-contained), the EMA model at the steps of ``train.snapshots`` (``<out>/snapshots/step-<k>``, the
+same layout), ``metrics/train.json``; logs losses, learning rate and samples/s per
 step, preview samples every ``train.sample_every`` steps (``samples/step_*.png``) to MLflow,
 and logs the model folder as an MLflow pyfunc registered under ``mlflow.registered_model``
 (``stages/atlas_pyfunc.py``: prompts in, PLYs out).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 from stages.common import load_params, main_guard, stage_run
@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     import mlflow
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import AtlasConfig, sphere_grid_cache_path
+    from gaussian_atlas.atlas import AtlasConfig
     from gaussian_atlas.config import from_dict, to_dict
-    from gaussian_atlas.train import TrainConfig, load_train_data, train
+    from gaussian_atlas.train import TrainConfig, load_train_data, package_model, train
 
     params = load_params(None, args.params)
     if args.register is None:
@@ -57,11 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = train(cfg, data, atlas_cfg, out, progress=True,
                         log=lambda step, m: mlflow.log_metrics(m, step=step),
                         images=lambda step, sheet: mlflow.log_image(sheet, f"samples/step_{step:06d}.png"))
-        model = out / "model"
-        shutil.copy2(args.stats, model / "stats.npz")  # self-contained: de-normalisation ...
-        shutil.copy2(sphere_grid_cache_path(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
-                     model / "sphere2grid.npy")  # ... and the atlas layout travel with the weights
-        gio.write_json(model / "atlas.json", to_dict(atlas_cfg))
+        model = package_model(out / "model", args.stats, atlas_cfg)  # self-contained: statistics + atlas layout
+        for snap in sorted((out / "snapshots").glob("step-*")):  # train.snapshots: the EMA model over training
+            package_model(snap, args.stats, atlas_cfg)
         metrics = {k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}
         gio.write_json(args.metrics, metrics)
         mlflow.log_metrics({"samples_per_second": summary["samples_per_second"], "train_seconds": summary["seconds"]})

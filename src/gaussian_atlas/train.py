@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .model import ModelConfig
 
-__all__ = ["TrainConfig", "TrainData", "load_train_data", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainData", "load_train_data", "train", "latest_checkpoint", "package_model"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class TrainConfig:
     log_every: int = 1  # read the losses back every k steps (each read waits for the GPU)
     fast_attention: bool = True  # cuDNN fused attention first on Hopper GPUs (model.fast_attention)
     max_minutes: float = 0.0  # stop (checkpoint + final model) after this wall-clock budget; 0 = no limit
+    snapshots: tuple[int, ...] = ()  # steps at which the EMA model is also saved, to out_dir/snapshots/step-<k>
     seed: int = 0
     # previews: every k steps, a few prompts sampled (EMA weights, DPM-Solver++) and rendered
     sample_every: int = 0  # 0 = never
@@ -131,6 +132,22 @@ def load_train_data(atlas_dir: str | Path, stats_path: str | Path, ingested_dir:
         mean=torch.from_numpy(stats.mean.astype(np.float32)), std=torch.from_numpy(stats.std.astype(np.float32)),
         grid=sphere_to_grid(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
     )
+
+
+def package_model(model_dir: str | Path, stats_path: str | Path, atlas_cfg: Any) -> Path:
+    """Make a saved model folder self-contained for sampling: the normalisation statistics
+    (``stats.npz``), the sphere->grid index (``sphere2grid.npy``) and the atlas settings
+    (``atlas.json``) travel with the weights (:func:`gaussian_atlas.sample.load_atlas_model`)."""
+    from .atlas import sphere_grid_cache_path
+    from .config import to_dict
+    from .io import write_json
+
+    model_dir = Path(model_dir)
+    shutil.copy2(stats_path, model_dir / "stats.npz")
+    shutil.copy2(sphere_grid_cache_path(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
+                 model_dir / "sphere2grid.npy")
+    write_json(model_dir / "atlas.json", to_dict(atlas_cfg))
+    return model_dir
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -343,6 +360,10 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
             # 7. checkpoint: accelerate state + EMA + step + generators
             if step % cfg.checkpoint_every == 0 or final:
                 _save_checkpoint(accelerator, ema, gens, step, out_dir, cfg.keep_checkpoints)
+            # 7b. snapshots: the EMA model at chosen steps, for scores over training (paper Fig. 8)
+            if step in cfg.snapshots and accelerator.is_main_process:
+                _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler,
+                            out_dir / "snapshots" / f"step-{step}", keep_training=True)
             # 8. previews (main process only; no collective calls inside)
             if (images is not None and cfg.sample_every and accelerator.is_main_process
                     and (step % cfg.sample_every == 0 or final)):
@@ -412,15 +433,33 @@ def _save_checkpoint(accelerator: Any, ema: Any, gens: list[torch.Generator], st
 
 
 def _save_model(accelerator: Any, unet: Any, text_encoder: Any, tokenizer: Any, ema: Any, scheduler: Any,
-                path: Path) -> None:
-    """The final model as a diffusers-style folder, with the EMA weights in the UNet."""
+                path: Path, keep_training: bool = False) -> None:
+    """The model as a diffusers-style folder, with the EMA weights in the UNet.
+
+    ``keep_training``: the training weights are put back afterwards (a snapshot mid-run);
+    otherwise the UNet keeps the EMA weights (the final save). Written under a temporary
+    name and renamed, so a folder that exists is complete.
+    """
+    import tempfile
+
     from diffusers import DPMSolverMultistepScheduler
 
     unet = accelerator.unwrap_model(unet)
+    if keep_training:
+        ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
-    path.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(path / "unet")
-    accelerator.unwrap_model(text_encoder).save_pretrained(path / "text_encoder")
-    tokenizer.save_pretrained(path / "tokenizer")
-    DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++").save_pretrained(
-        path / "scheduler")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        unet.save_pretrained(tmp / "unet")
+        accelerator.unwrap_model(text_encoder).save_pretrained(tmp / "text_encoder")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++").save_pretrained(
+            tmp / "scheduler")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if keep_training:
+            ema.restore(unet.parameters())
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "generate": {"n_objects": 4, "composition_fraction": 0.25, "seed": 0, "workers": 1,
+                 "holdout": {"singles": 1, "compositions": 0, "ceiling_per_prompt": 1},
                  "render": {"supersample": 1, "n_surface_samples": 256,
                             "views": {"n_views": 8, "n_ring": 6, "resolution": 32}}},
     "ingest": {"min_views": 4, "workers": 2},
@@ -31,10 +32,13 @@ TINY = {
     "train": {"model": {"sample_size": 16, "max_length": 16}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
               "render_resolution": 16, "sample_every": 2, "sample_steps": 2, "sample_views": 2,
               "sample_resolution": 16},
+    "pretrain2d": {"data": {"n_objects": 4, "views": 2, "supersample": 1, "workers": 1}, "steps": 2, "batch_size": 2,
+                   "checkpoint_every": 2},
     "evaluate": {"n_seen": 2, "n_held_out": 1, "n_compositions": 1, "n_views": 2, "resolution": 24,
+                 "samples_per_prompt": 2, "n_bootstrap": 200,
                  "shape_points": 256, "rotations": 8, "sample": {"steps": 2, "frames": 3, "resolution": 24}},
 }
-STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "train", "evaluate"]
+STAGES = ["generate", "ingest", "fit", "prune_check", "atlas", "normalize", "pretrain2d", "train", "evaluate"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -113,22 +117,25 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     assert "contact_sheet.png" in {a.path for a in client.list_artifacts(by_stage["generate"].info.run_id)}
 
     fit = by_stage["fit"]
-    assert fit.data.metrics["n_ok"] == 4 and fit.data.metrics["n_gaussians_max"] <= 300
+    assert fit.data.metrics["n_ok"] == 5 and fit.data.metrics["n_gaussians_max"] <= 300  # 4 training + 1 ceiling
     assert {"metrics.parquet", "histograms.png", "fits_vs_gt.png"} <= {a.path for a in client.list_artifacts(fit.info.run_id)}
     import pandas as pd
     acc = pd.read_csv(project / "data/prune_check/accepted.csv")
-    assert len(acc) == 4 and (acc["n_gaussians"] <= 300).all()
+    assert len(acc) == 5 and (acc["n_gaussians"] <= 300).all()
     from gaussian_atlas.gaussians import read_ply
     g = read_ply(project / "data/fits" / acc["ply"][0])
     assert 0 < len(g) <= 300
 
     index = pd.read_parquet(project / "data/atlas/index.parquet")
-    assert len(index) == 4 and set(index["caption"]) <= {c for c in index["caption"] if c}
+    assert len(index) == 5 and set(index["caption"]) <= {c for c in index["caption"] if c}
+    # the held-out prompt's ceiling object: in the index, never a training caption
+    held = index[index["split"] == "ceiling"]
+    assert len(held) == 1 and held["caption"].iloc[0] not in set(index.loc[index["split"] == "train", "caption"])
     import numpy as np
     with np.load(project / "data/atlas" / index["path"][0]) as z:
         assert z["atlas"].shape == (16, 16, 16) and np.isfinite(z["atlas"]).all()
     with np.load(project / "data/normalize/stats.npz") as z:
-        assert int(z["count"]) == 4 and (z["std"] > 0).all()
+        assert int(z["count"]) == 4 and (z["std"] > 0).all()  # statistics of the training split only
     assert "atlas_channels" in {a.path for a in client.list_artifacts(by_stage["atlas"].info.run_id)}
     model = project / "models/atlas-unet/model"
     assert {"unet", "text_encoder", "tokenizer", "scheduler", "stats.npz", "sphere2grid.npy"} <= \
@@ -141,7 +148,17 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     assert ev["n_prompts"] == 4 and ev["n_single_held_out"] == 1 and ev["n_compositions"] == 1
     for src in ("generated", "ceiling", "floor"):
         assert {"colour_accuracy", "shape_accuracy", "both_accuracy", "colour_distance", "chamfer"} <= set(ev[src])
-    assert ev["generated"]["n"] == 4 and ev["ceiling"]["n"] >= 2  # the seen prompts have a training object
+    assert ev["samples_per_prompt"] == 2 and ev["generated"]["n"] == 8
+    assert ev["ceiling"]["held_out_singles"]["n"] == 2  # the held-out prompt's ceiling: its own object, per sample
+    assert ev["generated"]["held_out"]["n_prompts"] >= 1 and ev["generated"]["seen"]["n_prompts"] >= 2
+    lo, hi = ev["generated"]["seen"]["both_accuracy_ci95"]
+    assert 0.0 <= lo <= ev["generated"]["seen"]["both_accuracy"] <= hi <= 1.0
+    assert ev["generated"]["held_out_singles"]["n"] == 2
+    assert held["caption"].iloc[0] in {p for p in [json.loads(x)["prompt"] for x in
+                                                 (project / "data/evaluate/prompts.jsonl").read_text().splitlines()]}
+    prior = project / "models/prior2d/model"
+    assert {"unet", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in prior.iterdir()}
+    assert (project / "reports/pretrain2d/samples.png").exists()
     assert ev["clip_score"] == {"status": "skipped", "reason": "no weights configured (evaluate.clip_model is null)"}
     assert ev["vqa_score"]["status"] == "skipped"
     out = project / "data/evaluate"
@@ -151,7 +168,7 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
         assert len(read_ply(out / "plys" / f"{p['file']}.ply")) == 16 * 16
         assert (out / "turntables" / f"{p['file']}.gif").exists() and (out / "atlases" / f"{p['file']}.png").exists()
     scores = pd.read_parquet(out / "scores.parquet")
-    assert set(scores["source"]) == {"generated", "ceiling", "floor"} and (scores["source"] == "generated").sum() == 4
+    assert set(scores["source"]) == {"generated", "ceiling", "floor"} and (scores["source"] == "generated").sum() == 8
     gallery = (out / "gallery.html").read_text()
     assert all(p["prompt"] in gallery for p in prompts) and "turntables/" in gallery
     assert (project / "reports/evaluate/accuracy.csv").exists()

@@ -1,0 +1,94 @@
+"""DVC stage `pretrain2d`: the 2D text-to-image prior that `train` can repurpose (paper Sec. 6.2).
+
+    python -m stages.pretrain2d --images data/pretrain2d --out models/prior2d
+
+Reads ``params.yaml: pretrain2d`` (images and the optimisation), ``train`` (everything else of the
+training loop: model size, text side, noise schedule, caption dropout, ...) and ``atlas.side``
+(the image side: a 2D image is shaped like an SD latent, ``[4, side, side]``). Renders captioned
+RGBA images of procedural objects that are not the 3D set's (every shape x colour pair, the
+held-out ones included; ``gaussian_atlas/pretrain2d.py``), trains the same UNet with 4 channels and
+the text encoder on them, and writes the model as a diffusers folder (``<out>/model``) that
+``train.model.pretrained`` loads: ``dvc exp run -S train.model.pretrained=models/prior2d/model``
+is the paper's *repurposed* arm, ``train.model.pretrained: null`` the *from scratch* one.
+Also ``metrics/pretrain2d.json`` and a sheet of the prior's samples (``reports/pretrain2d/samples.png``);
+MLflow: params, per-step losses, the sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from stages.common import StageError, load_params, main_guard, stage_run
+
+
+def prior_train_config(params: dict):
+    """The 2D prior's :class:`TrainConfig`: ``train`` with the keys of ``pretrain2d`` (but ``data``) over it,
+    4 channels, the atlas side, no rendering losses, previews or snapshots."""
+    from gaussian_atlas.config import from_dict
+    from gaussian_atlas.train import TrainConfig
+
+    own = {k: v for k, v in (params.get("pretrain2d") or {}).items() if k != "data"}
+    section = {**(params.get("train") or {}), **own}
+    model = {**(section.get("model") or {}), "pretrained": None, "channels": 4,
+             "sample_size": int(params["atlas"]["side"])}
+    section.update(model=model, lambda_rgb=0.0, lambda_mask=0.0, lambda_lpips=0.0, render_every=0, sample_every=0,
+                   snapshots=[], sample_prompts=[])
+    return from_dict(TrainConfig, section, "params.yaml: pretrain2d over train")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", default="data/pretrain2d", help="rendered 2D set (default: %(default)s)")
+    ap.add_argument("--out", default="models/prior2d", help="checkpoints + model folder (default: %(default)s)")
+    ap.add_argument("--metrics", default="metrics/pretrain2d.json", help="DVC metrics file (default: %(default)s)")
+    ap.add_argument("--reports", default="reports/pretrain2d", help="sample sheet folder (default: %(default)s)")
+    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
+    args = ap.parse_args(argv)
+
+    import mlflow
+
+    from gaussian_atlas import io as gio
+    from gaussian_atlas.config import from_dict, to_dict
+    from gaussian_atlas.pretrain2d import Prior2dData, image_sheet, load_images, pretrain2d, render_prior_images, sample_images
+    from gaussian_atlas.procedural import COLORS, SHAPES, HoldoutConfig, ProceduralConfig, holdout_sets
+
+    params = load_params(None, args.params)
+    data_cfg = from_dict(Prior2dData, (params.get("pretrain2d") or {}).get("data"), "params.yaml: pretrain2d.data")
+    gen = params.get("generate") or {}
+    if int(data_cfg.seed) == int(gen.get("seed", 0)):
+        raise StageError(f"pretrain2d.data.seed ({data_cfg.seed}) equals generate.seed: the 2D images would show the "
+                         "3D training objects themselves; choose another seed")
+    cfg = prior_train_config(params)
+    side = int(params["atlas"]["side"])
+    with stage_run("pretrain2d", {**to_dict(cfg), "data": to_dict(data_cfg)}):
+        t0 = time.perf_counter()
+        rendered = render_prior_images(data_cfg, side, args.images, progress=True)
+        images, captions = load_images(args.images)
+        t_render = time.perf_counter() - t0
+        print(f"pretrain2d: {len(images)} images [4, {side}, {side}] of {rendered['n_objects']} objects "
+              f"({rendered['n_rendered']} rendered now, {t_render:.1f} s)")
+        summary = pretrain2d(cfg, images, captions, args.out, progress=True,
+                             log=lambda step, m: mlflow.log_metrics(m, step=step))
+        # the prior's samples: a seen pair and the 3D set's held-out pairs (which the 2D set does contain)
+        pcfg = from_dict(ProceduralConfig, {k: v for k, v in gen.items() if k in ("seed", "holdout")})
+        held, _ = holdout_sets(pcfg) if pcfg.holdout.singles else ([], [])
+        prompts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s, c in held][:8] or [captions[0]]
+        prompts += [f"a {c} {SHAPES[i % len(SHAPES)]}" for i, c in enumerate(list(COLORS)[:8 - len(prompts) % 8])]
+        pics = sample_images(Path(args.out) / "model", prompts, list(range(len(prompts))),
+                             steps=int(params["train"].get("sample_steps", 20)),
+                             guidance=float(params["train"].get("sample_guidance", 3.5)),
+                             device="cuda" if __import__("torch").cuda.is_available() else "cpu")
+        sheet = gio.write_png(Path(args.reports) / "samples.png", image_sheet(pics, prompts, ncols=8))
+        mlflow.log_artifact(str(sheet))
+        metrics = {"n_images": len(images), "n_objects": rendered["n_objects"], "render_seconds": round(t_render, 2),
+                   **{k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}}
+        gio.write_json(args.metrics, metrics)
+        mlflow.log_metrics({"train_seconds": summary["seconds"], "n_images": len(images)})
+    print(f"pretrain2d: {summary['step']} steps, last v-loss {summary.get('last_loss_v', float('nan')):.4f} -> "
+          f"{Path(args.out) / 'model'}; samples in {sheet}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
