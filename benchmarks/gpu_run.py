@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, nargs=3, default=[12, 8, 4], metavar=("SEEN", "HELD_OUT", "COMPOSITIONS"),
                     help="built-in evaluate prompts (seen single captions, held-out combinations, stacks)")
     ap.add_argument("--eval-views", type=int, default=8, help="random views per evaluate prompt")
+    ap.add_argument("--eval-samples", type=int, default=1, help="samples (seeds) per evaluate prompt")
     ap.add_argument("--only", choices=["data", "train", "sample", "evaluate"], default=None)
     ap.add_argument("--wait-for", default=None, metavar="FILE",
                     help="after generating (CPU), wait until FILE exists before using the GPU (e.g. a benchmark "
@@ -104,27 +105,30 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import sphere_to_grid, write_atlases
+    from gaussian_atlas.atlas import sphere_to_grid, training_rows, write_atlases
     from gaussian_atlas.fit import DensifyConfig, FitConfig, fit_chunk
     from gaussian_atlas.meshrender import RenderConfig
     from gaussian_atlas.normalize import RunningStats
-    from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
+    from gaussian_atlas.procedural import HoldoutConfig, ProceduralConfig, generate_dataset
 
-    # 1. generate (CPU processes)
+    # 1. generate (CPU processes); held-out prompts (if any) get ceiling objects of split "ceiling"
     t = time.perf_counter()
+    holdout = HoldoutConfig(singles=getattr(args, "holdout_singles", 0), compositions=getattr(args, "holdout_stacks", 0),
+                            ceiling_per_prompt=getattr(args, "ceiling_per_prompt", 1))
     pcfg = ProceduralConfig(n_objects=args.objects, composition_fraction=0.25, seed=0, workers=args.workers,
-                            render=RenderConfig(supersample=2, n_surface_samples=4096))
+                            render=RenderConfig(supersample=2, n_surface_samples=4096), holdout=holdout)
     gen = generate_dataset(pcfg, root / "procedural", progress=False)
     summary["generate_s"] = time.perf_counter() - t
     log(f"generate: {gen['n_objects']} objects ({gen['n_rendered']} rendered now) in {summary['generate_s']:.0f} s")
-    caps = {}
+    caps, splits = {}, {}
     for line in (root / "procedural" / "captions.jsonl").read_text().splitlines():
         r = json.loads(line)
-        caps[r["id"]] = r["caption"]
+        caps[r["id"]], splits[r["id"]] = r["caption"], r.get("split", "train")
     ids = sorted(caps)
     items = [{"id": i, "path": f"objects/{i}", "shard": "all"} for i in ids]
-    gio.write_parquet(root / "procedural" / "manifest.parquet",  # what load_train_data reads
-                      pd.DataFrame({"id": ids, "path": [f"objects/{i}" for i in ids], "caption": [caps[i] for i in ids]}))
+    gio.write_parquet(root / "procedural" / "manifest.parquet",  # what load_train_data reads; records the split
+                      pd.DataFrame({"id": ids, "path": [f"objects/{i}" for i in ids], "caption": [caps[i] for i in ids],
+                                    "split": [splits[i] for i in ids]}))
 
     if args.wait_for:
         while not Path(args.wait_for).exists():
@@ -154,18 +158,19 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     # 3. atlas (GPU solver) and 4. normalize
     t = time.perf_counter()
     sphere_to_grid(acfg.side, acfg.method, acfg.cache_dir, device=DEV)
-    items = [{"id": r.id, "shard": "all", "src": str(root / "fits" / r.ply), "caption": caps[r.id]}
-             for r in ok.itertuples(index=False)]
+    items = [{"id": r.id, "shard": "all", "src": str(root / "fits" / r.ply), "caption": caps[r.id],
+              "split": splits[r.id]} for r in ok.itertuples(index=False)]
     arows, quarantine = write_atlases(items, acfg, root / "atlas", device=DEV, batch=16)
     index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
     gio.write_parquet(root / "atlas" / "index.parquet", index)
     stats = RunningStats()
-    for p in index["path"]:
+    for p in training_rows(index)["path"]:  # the statistics of the training split only
         with np.load(root / "atlas" / p) as z:
             stats.update(z["atlas"][None])
     stats.save(root / "stats.npz")
     summary["atlas_s"] = time.perf_counter() - t
-    summary["atlas"] = {"n": len(index), "quarantined": len(quarantine), "side": acfg.side}
+    summary["atlas"] = {"n": len(index), "quarantined": len(quarantine), "side": acfg.side,
+                        "n_ceiling": int((index["split"] == "ceiling").sum())}
     log(f"atlas + normalize: {len(index)} atlases, {len(quarantine)} quarantined, {summary['atlas_s']:.0f} s")
     save()
 
@@ -249,23 +254,24 @@ def evaluate_phase(args, root: Path, summary: dict, save) -> None:
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.evaluate import EvaluateConfig, benchmark_prompts, ceiling_atlases, evaluate
+    from gaussian_atlas.evaluate import EvaluateConfig, ceiling_atlases, evaluate, index_prompts
     from gaussian_atlas.sample import SampleConfig, load_atlas_model, sample_sheet
 
     index = pd.read_parquet(root / "atlas" / "index.parquet")
-    captions = [str(c) for c in index["caption"].fillna("")]
     seen, held, comp = args.eval_prompts
     cfg = EvaluateConfig(n_seen=seen, n_held_out=held, n_compositions=comp, n_views=args.eval_views, resolution=128,
+                         samples_per_prompt=args.eval_samples,
                          sample=SampleConfig(steps=20, guidance=3.5, batch_size=16, frames=12, resolution=128))
-    specs = benchmark_prompts(captions, cfg.n_seen, cfg.n_held_out, cfg.n_compositions, cfg.seed)
+    specs = index_prompts(index, cfg)
     model = load_atlas_model(root / "train" / "model", DEV)
     t = time.perf_counter()
-    ev = evaluate(model, specs, cfg, ceiling_atlases(index, root / "atlas", specs))
+    ev = evaluate(model, specs, cfg, ceiling_atlases(index, root / "atlas", specs, limit=cfg.samples_per_prompt))
     out = root / "evaluate"
     out.mkdir(exist_ok=True)
     gio.write_json(out / "evaluate.json", ev.metrics)
     pd.DataFrame(ev.rows).to_csv(out / "scores.csv", index=False)
-    gio.write_png(out / "views.png", sample_sheet(ev.views["generated"], [s.prompt for s in specs]))
+    gio.write_png(out / "views.png", sample_sheet(ev.views["generated"],
+                                                  [s.prompt for s in specs for _ in range(cfg.samples_per_prompt)]))
     summary["evaluate_s"] = time.perf_counter() - t
     summary["evaluate"] = {src: ev.metrics.get(src) for src in ("generated", "ceiling", "floor")}
     g = ev.metrics["generated"]

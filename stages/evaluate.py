@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas import io as gio
     from gaussian_atlas.atlas import atlas_figure, training_rows
     from gaussian_atlas.config import from_dict, to_dict
-    from gaussian_atlas.evaluate import (EvaluateConfig, benchmark_prompts, ceiling_atlases, evaluate, gallery_html,
+    from gaussian_atlas.evaluate import (EvaluateConfig, ceiling_atlases, evaluate, gallery_html, index_prompts,
                                          read_prompts, slug)
     from gaussian_atlas.gaussians import write_ply
     from gaussian_atlas.sample import load_atlas_model, sample_sheet, turntable, write_gif
@@ -56,13 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     if not index_path.exists():
         raise FileNotFoundError(f"{index_path} does not exist: run the atlas stage first")
     index = pd.read_parquet(index_path)
-    train_index = training_rows(index)
-    captions = [str(c) for c in train_index["caption"].fillna("")]
-    # the data set's declared held-out prompts: captions of the objects rendered as their ceiling
-    held = (sorted(set(index.loc[index["split"] == "ceiling", "caption"].astype(str)))
-            if "split" in index.columns and (index["split"] == "ceiling").any() else None)
-    specs = (read_prompts(cfg.prompts, captions) if cfg.prompts else
-             benchmark_prompts(captions, cfg.n_seen, cfg.n_held_out, cfg.n_compositions, cfg.seed, held))
+    captions = [str(c) for c in training_rows(index)["caption"].fillna("")]
+    # built-in prompts: seen ones from the training split, held-out ones declared by the data's ceiling split
+    specs = read_prompts(cfg.prompts, captions) if cfg.prompts else index_prompts(index, cfg)
     if not specs:
         raise ValueError(f"no evaluation prompts: {index_path} has no generator captions and evaluate.prompts is null")
     model = load_atlas_model(args.model, device=cfg.torch_device())

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from .sample import SampleConfig
 
-__all__ = ["EvaluateConfig", "PromptSpec", "parse_caption", "benchmark_prompts", "read_prompts", "random_views",
+__all__ = ["EvaluateConfig", "PromptSpec", "parse_caption", "benchmark_prompts", "index_prompts", "read_prompts", "random_views",
            "rendered_palette", "object_palettes", "nearest_colour", "render_premultiplied", "alpha_weighted_colour", "object_colours",
            "surface_points", "normalise_points", "height_frame", "chamfer", "candidate_clouds", "junction_height",
            "split_height", "classify_shape", "random_atlases", "score_objects", "summarise", "bootstrap_ci",
@@ -289,6 +289,20 @@ def benchmark_prompts(train_captions: Sequence[str], n_seen: int = 6, n_held_out
         p = src.pop(0)
         out.append(PromptSpec(_caption_of(p), p, _caption_of(p) not in train_set, "composition"))
     return out
+
+
+def index_prompts(index: Any, cfg: "EvaluateConfig") -> list[PromptSpec]:
+    """The built-in prompts for an atlas stage's ``index.parquet`` (a DataFrame): seen prompts from
+    the training split's captions; held-out prompts from the captions of its ``split == "ceiling"``
+    objects when it has any (the data set's declared held-out prompts), else from the shape x colour
+    pairs no training caption has (:func:`benchmark_prompts`)."""
+    from .atlas import training_rows
+
+    captions = [str(c) for c in training_rows(index)["caption"].fillna("")]
+    held = None
+    if "split" in index.columns and (index["split"] == "ceiling").any():
+        held = sorted(set(index.loc[index["split"] == "ceiling", "caption"].astype(str)))
+    return benchmark_prompts(captions, cfg.n_seen, cfg.n_held_out, cfg.n_compositions, cfg.seed, held)
 
 
 def read_prompts(path: str | Path, train_captions: Sequence[str] = ()) -> list[PromptSpec]:

@@ -109,7 +109,7 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     assert set(by_stage) == set(STAGES)
     ing = by_stage["ingest"]
     assert ing.info.status == "FINISHED"
-    assert ing.data.metrics["n_accepted"] == 4 and ing.data.metrics["n_quarantined"] == 0
+    assert ing.data.metrics["n_accepted"] == 5 and ing.data.metrics["n_quarantined"] == 0  # 4 training + 1 ceiling
     assert ing.data.params["min_views"] == "4"
     assert len(ing.data.tags["mlflow.source.git.commit"]) >= 40
     arts = {a.path for a in client.list_artifacts(ing.info.run_id)}

@@ -1,0 +1,26 @@
+#!/bin/bash
+# The 2D-prior transfer run of issue #13 (docs/paper_claims.md) on a leased GPU machine, as setsid daemons
+# under /tmp, so that later calls only poll (benchmarks/device/transfer_poll.sh UNTIL).
+# Expects, in the repo root on the GPU machine: .whl/ (diffusers, gsplat, plyfile, trimesh, embreex, POT, ...;
+# docs/operations.md); optional .gpu/gsplat_cuda.so (a saved gsplat build: skips the ~90 s JIT build).
+#   ARGS="--steps 1200" bash benchmarks/device/transfer_session.sh && bash benchmarks/device/transfer_poll.sh 500
+T0=$(date +%s); echo $T0 > /tmp/T0
+W=/tmp/w; mkdir -p $W
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks /tmp/tree/
+export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1
+[ -f .gpu/gsplat_cuda.so ] && cp .gpu/gsplat_cuda.so /tmp/gsplat_cuda.so && export GSPLAT_PREBUILT=/tmp/gsplat_cuda.so
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/gpu.txt 2>&1
+python3 -c 'import torch, diffusers, gsplat; print(torch.__version__, torch.version.cuda, diffusers.__version__, gsplat.__version__)' >> $W/gpu.txt 2>&1
+R="python3 /tmp/tree/benchmarks/transfer_run.py"
+A="${ARGS:-}"
+# gsplat's JIT build (unless prebuilt) beside the 3D data phase: its fit waits on the build's lock
+[ -z "$GSPLAT_PREBUILT" ] && setsid bash -c "MAX_JOBS=10 python3 -c 'from gsplat.cuda._backend import _C; print(_C)' > $W/build.log 2>&1; echo \$(( \$(date +%s) - $T0 )) > $W/built" < /dev/null > /dev/null 2>&1 &
+setsid bash -c "$R data --out $W $A > $W/data.log 2>&1; echo \$? > $W/data_rc; echo \$(( \$(date +%s) - $T0 )) > $W/data_t" < /dev/null > /dev/null 2>&1 &
+setsid bash -c "$R prior --out $W $A > $W/prior.log 2>&1; echo \$? > $W/prior_rc; echo \$(( \$(date +%s) - $T0 )) > $W/prior_t" < /dev/null > /dev/null 2>&1 &
+# the arms: every arm x seed at once when the atlases and the prior exist (they share the GPU alike)
+setsid bash -c "while [ ! -f $W/data_rc ] || [ ! -f $W/prior_rc ]; do sleep 2; done; echo \$(( \$(date +%s) - $T0 )) > $W/arms_start;
+  for s in ${SEEDS:-0 1}; do for a in repurposed scratch; do
+    ( $R arm --out $W --arm \$a --seed \$s $A > $W/arm-\$a-\$s.log 2>&1; echo \$? > $W/arm-\$a-\$s.rc ) &
+  done; done; wait; echo \$(( \$(date +%s) - $T0 )) > $W/arms_done" < /dev/null > /dev/null 2>&1 &
+echo "T0=$T0 W=$W args: $A"
