@@ -194,9 +194,14 @@ def phase_arm(args, root: Path) -> None:
                           sample=SampleConfig(steps=args.sample_steps, guidance=3.5, batch_size=32))
     specs = index_prompts(index, ecfg)
     ceiling = ceiling_atlases(index, root / "atlas", specs, limit=ecfg.samples_per_prompt)
-    scores = {}
+    # a rerun (e.g. after the --max-minutes safety stop, resumed to --steps) scores only the snapshots not yet scored
+    prev = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
+    scores = {int(k): v for k, v in (prev.get("scores") or {}).items()}
+    invocations = [*prev.get("invocations", []), {"argv": sys.argv[1:], "train": s}]
     for step in snaps:
         snap = out / "train" / "snapshots" / f"step-{step}"
+        if step in scores and (out / f"scores_step{step}.csv").exists():
+            continue
         if not (snap / "unet").is_dir():
             log(f"{name}: no snapshot at step {step} (training stopped at {s['step']})")
             continue
@@ -217,7 +222,8 @@ def phase_arm(args, root: Path) -> None:
         log(f"{name} step {step}: both seen {g['seen']['both_accuracy']} {g['seen']['both_accuracy_ci95']}, "
             f"held-out {g['held_out']['both_accuracy']} {g['held_out']['both_accuracy_ci95']}")
         _record(out, "result", {"args": vars(args), "arm": args.arm, "seed": args.seed, "train": s,
-                                "train_s": train_s, "snapshots": snaps, "scores": scores,
+                                "train_s": train_s + float(prev.get("train_s") or 0.0),
+                                "invocations": invocations, "snapshots": snaps, "scores": scores,
                                 "prompts": [vars(sp) for sp in specs], "evaluate_config": ecfg.__dict__ | {
                                     "sample": vars(ecfg.sample)}})
         del model
