@@ -120,7 +120,7 @@ def phase_data(args, root: Path) -> None:
 def phase_prior(args, root: Path) -> None:
     from gaussian_atlas import io as gio
     from gaussian_atlas.pretrain2d import Prior2dData, image_sheet, load_images, pretrain2d, render_prior_images, sample_images
-    from gaussian_atlas.procedural import HoldoutConfig, ProceduralConfig, holdout_sets
+    from gaussian_atlas.procedural import HoldoutConfig, ProceduralConfig, _caption, _part, holdout_sets
 
     t = time.perf_counter()
     dcfg = Prior2dData(n_objects=args.prior_objects, views=args.prior_views, composition_fraction=0.25,
@@ -137,7 +137,7 @@ def phase_prior(args, root: Path) -> None:
     hist.close()
     held, _ = holdout_sets(ProceduralConfig(seed=0, holdout=HoldoutConfig(singles=args.holdout[0],
                                                                           compositions=args.holdout[1])))
-    prompts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {sh}" for sh, c in held]
+    prompts = [_caption([_part(sh, c)]) for sh, c in held]
     pics = sample_images(root / "prior" / "model", prompts, list(range(len(prompts))), steps=args.sample_steps,
                          device=DEV)
     gio.write_png(root / "prior_samples.png", image_sheet(pics, prompts, ncols=6))
@@ -207,7 +207,8 @@ def phase_arm(args, root: Path) -> None:
             continue
         package_model(snap, root / "stats.npz", acfg)
         model = load_atlas_model(snap, DEV)
-        ev = evaluate(model, specs, ecfg, ceiling)
+        ev = evaluate(model, specs, ecfg, ceiling, progress=True)
+        log(f"{name} step {step}: evaluate seconds {ev.metrics['seconds']}")
         S = ecfg.samples_per_prompt
         pd.DataFrame(ev.rows).to_csv(out / f"scores_step{step}.csv", index=False)
         # the first sample of each prompt, 2 of its views (the report puts arms and steps side by side)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas import io as gio
     from gaussian_atlas.config import from_dict, to_dict
     from gaussian_atlas.pretrain2d import Prior2dData, image_sheet, load_images, pretrain2d, render_prior_images, sample_images
-    from gaussian_atlas.procedural import COLORS, SHAPES, HoldoutConfig, ProceduralConfig, holdout_sets
+    from gaussian_atlas.procedural import COLORS, SHAPES, ProceduralConfig, _caption, _part, holdout_sets
 
     params = load_params(None, args.params)
     data_cfg = from_dict(Prior2dData, (params.get("pretrain2d") or {}).get("data"), "params.yaml: pretrain2d.data")
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         # the prior's samples: a seen pair and the 3D set's held-out pairs (which the 2D set does contain)
         pcfg = from_dict(ProceduralConfig, {k: v for k, v in gen.items() if k in ("seed", "holdout")})
         held, _ = holdout_sets(pcfg) if pcfg.holdout.singles else ([], [])
-        prompts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for s, c in held][:8] or [captions[0]]
-        prompts += [f"a {c} {SHAPES[i % len(SHAPES)]}" for i, c in enumerate(list(COLORS)[:8 - len(prompts) % 8])]
+        prompts = [_caption([_part(s, c)]) for s, c in held][:8] or [captions[0]]
+        prompts += [_caption([_part(SHAPES[i % len(SHAPES)], c)]) for i, c in enumerate(list(COLORS)[:8 - len(prompts) % 8])]
         pics = sample_images(Path(args.out) / "model", prompts, list(range(len(prompts))),
                              steps=int(params["train"].get("sample_steps", 20)),
                              guidance=float(params["train"].get("sample_guidance", 3.5)),

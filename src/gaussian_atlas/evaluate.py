@@ -1017,8 +1017,10 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
                          cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for j in range(B)]
     c2w = torch.stack([c for c, _ in cams])  # [B, V, 4, 4]
     K = torch.stack([k for _, k in cams])  # [B, V, 3, 3]
+    t1 = time.perf_counter()
     palettes = [object_palettes([p for p, _ in s.parts], c2w[j], K[j], cfg.resolution) if s.parts else []
                 for j, s in enumerate(flat)]  # the prompted object as the renderer shows it, per part
+    timing = {"sample": round(t_sample, 2), "palettes": round(time.perf_counter() - t1, 2)}
     clip = load_clip(cfg.clip_model, dev)
     vqa = load_vqa(cfg.vqa_model, cfg.vqa_name, dev)
 
@@ -1029,12 +1031,19 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
     vqa_means: dict[str, float | None] = {}
     summaries: dict[str, Any] = {}
     for source, (idx, g) in sources.items():
+        t1 = time.perf_counter()
         rgb, alpha = render_premultiplied(g, c2w[idx], K[idx], cfg.resolution)
         views[source] = on_white_u8(rgb, alpha)
         objects[source] = list(idx)
         sub = [flat[j] for j in idx]
+        t2 = time.perf_counter()
         scores = score_objects(g, sub, c2w[idx], K[idx], cfg.resolution, [palettes[j] for j in idx], cfg, seed=cfg.seed,
                                colours=alpha_weighted_colour(rgb, alpha))
+        timing[f"render_{source}"] = round(t2 - t1, 2)
+        timing[f"score_{source}"] = round(time.perf_counter() - t2, 2)
+        if progress:
+            print(f"evaluate: {source}: {len(idx)} objects rendered in {t2 - t1:.1f} s, scored in "
+                  f"{time.perf_counter() - t2:.1f} s", flush=True)
         cs = clip(views[source], [s.prompt for s in sub]) if isinstance(clip, ClipScorer) else None
         vs = vqa(views[source], [s.prompt for s in sub]) if isinstance(vqa, VqaScorer) else None
         clip_means[source] = None if cs is None else round(float(np.mean(cs)), 4)
@@ -1070,7 +1079,7 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
                         "then prompts (torchmetrics CLIPScore)", **{k: v for k, v in clip_means.items()}}),
         "vqa_score": (vqa if isinstance(vqa, dict) else
                       {"status": "ok", "model": vqa.name, "weights": vqa.path, **{k: v for k, v in vqa_means.items()}}),
-        "seconds": {"sample": round(t_sample, 2), "total": round(time.perf_counter() - t0, 2)},
+        "seconds": {**timing, "total": round(time.perf_counter() - t0, 2)},
     }
     g_cpu = g_gen.to("cpu")
     return Evaluation(specs=list(specs), seeds=list(seeds), atlases=atl.detach().cpu(), gaussians=g_cpu,
