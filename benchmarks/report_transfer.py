@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 METRICS = (("both", "both_correct"), ("colour", "colour_correct"), ("shape", "shape_correct"))
 SPLITS = (("seen", False), ("held-out", True))
+KINDS = (("all", None), ("singles", "single"), ("stacks", "composition"))
 
 
 def _arms(root: Path) -> dict[str, list[Path]]:
@@ -52,10 +53,10 @@ def _scores(dirs: list[Path], step: int):
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _block(df, held: bool, key: str, n_boot: int = 4000) -> dict:
+def _block(df, held: bool, key: str, n_boot: int = 4000, kind: str | None = None) -> dict:
     from gaussian_atlas.evaluate import bootstrap_ci
 
-    sub = df[(df["held_out"] == held) & df[key].notna()]
+    sub = df[(df["held_out"] == held) & df[key].notna() & ((df["kind"] == kind) if kind else True)]
     vals = sub[key].astype(float).to_numpy()
     if not len(vals):
         return {"mean": None, "ci95": None, "n": 0, "n_prompts": 0}
@@ -110,6 +111,8 @@ def report(root: Path, docs: Path) -> dict:
                 continue
             gen = df[df["source"] == "generated"]
             row = {split: {m: _block(gen, held, key) for m, key in METRICS} for split, held in SPLITS}
+            row["by_kind"] = {f"{split} {kname}": _block(gen, held, "both_correct", kind=kind)
+                              for split, held in SPLITS for kname, kind in KINDS[1:]}
             losses = [_vloss(d / "history.jsonl", step) for d in dirs]
             row["v_loss"] = [v for v in losses if v is not None]
             row["n_runs"] = int(gen["run"].nunique())
@@ -119,6 +122,9 @@ def report(root: Path, docs: Path) -> dict:
                     ref = df[(df["source"] == src) & (df["run"] == dirs[0].name)]
                     results["reference"][src] = {split: {m: _block(ref, held, key) for m, key in METRICS}
                                                  for split, held in SPLITS}
+                    results["reference"][src]["by_kind"] = {
+                        f"{split} {kname}": _block(ref, held, "both_correct", kind=kind)
+                        for split, held in SPLITS for kname, kind in KINDS[1:]}
     if {"repurposed", "scratch"} <= set(arms):
         for step in steps:
             a, b = _scores(arms["repurposed"], step), _scores(arms["scratch"], step)
@@ -145,6 +151,15 @@ def report(root: Path, docs: Path) -> dict:
         lines.append(f"| repurposed − scratch | {step} | – | {_fmt(r['seen']['both'])} | {_fmt(r['held-out']['both'])} | "
                      f"{_fmt(r['seen']['colour'])} | {_fmt(r['held-out']['colour'])} | {_fmt(r['seen']['shape'])} | "
                      f"{_fmt(r['held-out']['shape'])} |")
+    kinds = [f"{split} {k}" for split, _ in SPLITS for k, _ in KINDS[1:]]
+    lines += ["", "Both right, by prompt kind (95 % CI):", "",
+              "| arm | step | " + " | ".join(kinds) + " |", "|---|---:|" + "---|" * len(kinds)]
+    for arm in [a for a in ("scratch", "repurposed") if a in results["arms"]]:
+        for step, r in sorted(results["arms"][arm].items()):
+            lines.append(f"| {arm} | {step} | " + " | ".join(
+                f"{_fmt(r['by_kind'][k])} (n={r['by_kind'][k]['n']})" for k in kinds) + " |")
+    for src, r in results["reference"].items():
+        lines.append(f"| {src} | – | " + " | ".join(_fmt(r["by_kind"][k]) for k in kinds) + " |")
     table = "\n".join(lines) + "\n"
     (docs / "table.md").write_text(table)
     print(table)
