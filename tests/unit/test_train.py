@@ -80,3 +80,40 @@ def test_previews_are_logged_and_leave_training_untouched(tmp_path):
     b = UNet2DConditionModel.from_pretrained(tmp_path / "without" / "model" / "unet")
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), n
+
+
+def test_snapshots_are_the_ema_model_at_their_step_and_leave_training_untouched(tmp_path):
+    """train.snapshots: a model folder at each listed step, equal to the final model of a run stopped there;
+    the run that wrote them ends with the same weights as one that did not."""
+    from diffusers import UNet2DConditionModel
+
+    data, acfg = _data(tmp_path)
+    train(replace(CFG, snapshots=(2, 4)), data, acfg, tmp_path / "snap")
+    train(CFG, data, acfg, tmp_path / "plain")
+    train(replace(CFG, steps=4), data, acfg, tmp_path / "four")
+    assert sorted(p.name for p in (tmp_path / "snap" / "snapshots").iterdir()) == ["step-2", "step-4"]
+    load = lambda p: UNet2DConditionModel.from_pretrained(p / "unet")  # noqa: E731
+    for a, b in ((tmp_path / "snap" / "snapshots" / "step-4", tmp_path / "four" / "model"),
+                 (tmp_path / "snap" / "model", tmp_path / "plain" / "model")):
+        for pa, pb in zip(load(a).parameters(), load(b).parameters()):
+            assert torch.equal(pa, pb)
+
+
+def test_train_repurposes_a_4_channel_prior(tmp_path):
+    """`train.model.pretrained` = a pretrain2d folder: trains on 16-channel atlases with the text encoder frozen."""
+    from gaussian_atlas.pretrain2d import pretrain2d
+
+    images = torch.rand(4, 4, 8, 8) * 2 - 1
+    prior = TrainConfig(model=ModelConfig(channels=4, sample_size=8, max_length=8), steps=2, batch_size=2,
+                        checkpoint_every=2)
+    pretrain2d(prior, images, ["a red cube", "a blue cone", "a green torus", "a red cone"], tmp_path / "prior")
+    data, acfg = _data(tmp_path)
+    cfg = replace(CFG, steps=2, model=ModelConfig(pretrained=str(tmp_path / "prior" / "model"), sample_size=8,
+                                                  max_length=8))
+    s = train(cfg, data, acfg, tmp_path / "run")
+    assert s["step"] == 2 and torch.isfinite(torch.tensor(s["last_loss"]))
+    from transformers import CLIPTextModel
+
+    te0 = CLIPTextModel.from_pretrained(tmp_path / "prior" / "model" / "text_encoder")
+    te1 = CLIPTextModel.from_pretrained(tmp_path / "run" / "model" / "text_encoder")
+    assert all(torch.equal(a, b) for a, b in zip(te0.parameters(), te1.parameters()))  # frozen, as SD's CLIP
