@@ -405,7 +405,7 @@ def _write_object(dst: Path, src: ObjectSource, views: list[CameraView], facts: 
         if samples.exists():
             _link_or_copy(str(samples), tmp / "surface_samples.npz", link)
         gio.write_json(tmp / "object.json", {"id": src.id, "caption": facts["caption"], "source": src.path,
-                                              "layout": src.layout})
+                                              "layout": src.layout, "source_stamp": facts.get("source_stamp")})
 
 
 def ingest(cfg: IngestConfig, out_dir: str | os.PathLike, docs_dir: str | os.PathLike | None = None,
@@ -470,10 +470,12 @@ def ingest(cfg: IngestConfig, out_dir: str | os.PathLike, docs_dir: str | os.Pat
         dst = out_dir / rel
         keep.add(dst)
         stamp = dst / "object.json"
+        source_stamp = gio.content_stamp(src.path)  # the source's bytes: a re-rendered object is ingested anew
         if not (stamp.exists() and gio.read_json(stamp).get("source") == src.path
                 and gio.read_json(stamp).get("caption") == facts["caption"]
+                and gio.read_json(stamp).get("source_stamp") == source_stamp
                 and len(list((dst / "images").glob("*.png"))) == len(views)):
-            _write_object(dst, src, views, facts, cfg.link)
+            _write_object(dst, src, views, {**facts, "source_stamp": source_stamp}, cfg.link)
         manifest_rows.append({
             "id": src.id, "caption": facts["caption"], "path": rel.as_posix(), "shard": rel.parts[1],
             "n_views": facts["n_views"], "width": facts["width"], "height": facts["height"],

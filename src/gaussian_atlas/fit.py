@@ -555,17 +555,27 @@ def fit_outputs(out_dir: Any, shard: str, obj_id: str) -> tuple[Any, Any]:
     return base / f"{obj_id}.ply", base / f"{obj_id}.json"
 
 
-def is_done(out_dir: Any, shard: str, obj_id: str, cfg: FitConfig) -> bool:
-    """True when the object's PLY and metrics exist and were made with the same settings."""
+def input_stamp(obj_dir: Any) -> str:
+    """Content hash of an ingested object's inputs to its fit (views, cameras, surface samples; not
+    ``object.json``, whose caption does not change a fit)."""
+    from .io import content_stamp
+
+    return content_stamp(obj_dir, exclude=("object.json",))
+
+
+def is_done(out_dir: Any, shard: str, obj_id: str, cfg: FitConfig, stamp: str | None = None) -> bool:
+    """True when the object's PLY and metrics exist and were made with the same settings and, when
+    ``stamp`` (:func:`input_stamp`) is given, from the same input views."""
     import json
 
     ply, meta = fit_outputs(out_dir, shard, obj_id)
     if not (ply.exists() and meta.exists()):
         return False
     try:
-        return json.loads(meta.read_text()).get("config_hash") == config_hash(cfg)
+        saved = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
+    return saved.get("config_hash") == config_hash(cfg) and (stamp is None or saved.get("input_stamp") == stamp)
 
 
 def gaussian_stats(g: Gaussians) -> dict[str, float]:
@@ -587,8 +597,8 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
     """Fit a chunk of ingested objects together and write each one's PLY + metrics, atomically.
 
     items : ``{"id", "path", "shard"}`` rows of the ingest manifest (``path`` relative to ``data_root``).
-    Objects already done under the same settings are skipped (their saved row is
-    returned). An object that cannot be loaded or fitted is returned with
+    Objects already done under the same settings from the same input files (:func:`input_stamp`)
+    are skipped (their saved row is returned). An object that cannot be loaded or fitted is returned with
     ``status="failed"`` and the reason; the rest of the chunk goes on.
     Returns one row per item: id, shard, status, reason, metrics.
     """
@@ -602,8 +612,11 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     rows: list[dict[str, Any]] = []
     todo: list[tuple[dict[str, str], FitInput]] = []
+    stamps: dict[str, str | None] = {}
     for it in items:
-        if is_done(out_dir, it["shard"], it["id"], cfg):
+        obj_dir = Path(data_root) / it["path"]
+        stamps[it["id"]] = input_stamp(obj_dir) if obj_dir.is_dir() else None
+        if stamps[it["id"]] is not None and is_done(out_dir, it["shard"], it["id"], cfg, stamps[it["id"]]):
             rows.append(json.loads(fit_outputs(out_dir, it["shard"], it["id"])[1].read_text()))
             continue
         try:
@@ -635,7 +648,8 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
             for (it, _), res in zip(batch, results):
                 ply, meta = fit_outputs(out_dir, it["shard"], it["id"])
                 row = {"id": it["id"], "shard": it["shard"], "status": "ok", "reason": "",
-                       "ply": str(ply.relative_to(out_dir)), "config_hash": config_hash(cfg), "device": dev,
+                       "ply": str(ply.relative_to(out_dir)), "config_hash": config_hash(cfg),
+                       "input_stamp": stamps.get(it["id"]), "device": dev,
                        **res.metrics, **gaussian_stats(res.gaussians)}
                 try:
                     write_ply(ply, res.gaussians)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = [
+    "content_stamp",
     "atomic_path",
     "atomic_dir",
     "write_bytes",
@@ -146,3 +147,24 @@ def write_parquet(path: str | os.PathLike, frame: "Any") -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def content_stamp(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> str:
+    """Hash of every file under ``folder`` (relative path and bytes), names in ``exclude`` skipped.
+
+    The reuse key of an output made from a folder of inputs: it changes when any input file's
+    content, name or presence changes, not when only its time stamp does (a checkout, a copy).
+    """
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name in exclude:
+            continue
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:24]

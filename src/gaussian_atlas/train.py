@@ -11,7 +11,10 @@ reference view of its object (gsplat on CUDA, the torch compositor on CPU):
 Checkpoints (``checkpoint-<step>/``: ``accelerator.save_state`` — model, optimizer, LR
 scheduler, RNG states — plus EMA weights, the step and the batch sampler's generator) are
 written every ``checkpoint_every`` steps; :func:`train` resumes from the newest one, so a
-killed run continues with the same step, optimizer, scheduler, EMA and RNG state.
+killed run continues with the same step, optimizer, scheduler, EMA and RNG state — but only
+when the checkpoint's :func:`run_key` (settings and data content) matches: a rerun after the
+atlases changed (e.g. ``dvc repro`` after a refit) trains afresh instead of reusing a model of
+the old data.
 """
 
 from __future__ import annotations
@@ -150,6 +153,31 @@ def package_model(model_dir: str | Path, stats_path: str | Path, atlas_cfg: Any)
     return model_dir
 
 
+# TrainConfig fields that do not change what a step computes: a run resumes across a change of these
+_RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_minutes", "snapshots",
+                     "sample_every", "sample_prompts", "sample_steps", "sample_guidance", "sample_views",
+                     "sample_resolution")
+
+
+def run_key(cfg: TrainConfig, data: TrainData) -> str:
+    """What a checkpoint must match to be resumed: the settings that change a training step and the
+    content of the data (atlases, captions, reference views, statistics). Not the number of steps
+    (a longer run resumes a shorter one) nor logging, checkpointing or preview settings."""
+    import dataclasses
+    import hashlib
+    import json
+
+    d = dataclasses.asdict(cfg)
+    for k in _RESUMABLE_FIELDS:
+        d.pop(k, None)
+    h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
+    for t in (data.atlases, data.ref_rgb, data.ref_alpha, data.ref_c2w, data.ref_K, data.mean, data.std, data.grid,
+              data.centers, data.scales):
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    h.update("\n".join(data.captions).encode())
+    return h.hexdigest()[:24]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     ckpts = [c for c in ckpts if (c / "extra.pt").exists()]  # complete ones only
@@ -242,12 +270,21 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
         data = replace(data, ref_rgb=data.ref_rgb.to(dev), ref_alpha=data.ref_alpha.to(dev),
                        ref_c2w=data.ref_c2w.to(dev), ref_K=data.ref_K.to(dev))
 
-    # 2. resume from the newest complete checkpoint
+    # 2. resume from the newest complete checkpoint, if it was made from the same settings and data
     step = 0
+    key = run_key(cfg, data)
     ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and torch.load(ckpt / "extra.pt", weights_only=True).get("run_key") != key:
+        if accelerator.is_main_process:
+            print(f"train: the checkpoints in {out_dir} were made from other settings or data: starting afresh")
+            for old in out_dir.glob("checkpoint-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(out_dir / "snapshots", ignore_errors=True)
+        accelerator.wait_for_everyone()
+        ckpt = None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        extra = torch.load(ckpt / "extra.pt", weights_only=False)
+        extra = torch.load(ckpt / "extra.pt", weights_only=True)
         step = int(extra["step"])
         ema.load_state_dict(extra["ema"])
         states = extra.get("rng_states") or [[r] for r in (extra.get("batch_rngs") or [extra["batch_rng"]])]
@@ -359,7 +396,7 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
                     log(step, last)
             # 7. checkpoint: accelerate state + EMA + step + generators
             if step % cfg.checkpoint_every == 0 or final:
-                _save_checkpoint(accelerator, ema, gens, step, out_dir, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, ema, gens, step, out_dir, cfg.keep_checkpoints, key)
             # 7b. snapshots: the EMA model at chosen steps, for scores over training (paper Fig. 8)
             if step in cfg.snapshots and accelerator.is_main_process:
                 _save_model(accelerator, unet, text_encoder, tokenizer, ema, noise_scheduler,
@@ -414,7 +451,7 @@ def _preview(cfg: TrainConfig, accelerator: Any, unet: Any, text_encoder: Any, t
 
 
 def _save_checkpoint(accelerator: Any, ema: Any, gens: list[torch.Generator], step: int, out_dir: Path,
-                     keep: int) -> None:
+                     keep: int, key: str = "") -> None:
     ckpt = out_dir / f"checkpoint-{step}"
     accelerator.save_state(str(ckpt))
     from accelerate.utils import gather_object
@@ -426,7 +463,7 @@ def _save_checkpoint(accelerator: Any, ema: Any, gens: list[torch.Generator], st
         from .io import atomic_path
 
         with atomic_path(ckpt / "extra.pt", suffix=".pt") as tmp:
-            torch.save({"step": step, "ema": ema.state_dict(), "rng_states": states}, tmp)
+            torch.save({"step": step, "ema": ema.state_dict(), "rng_states": states, "run_key": key}, tmp)
         old = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-max(1, keep)]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)

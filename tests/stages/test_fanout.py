@@ -56,3 +56,37 @@ def test_unknown_runner_is_refused():
 
     with pytest.raises(ValueError, match="unknown runner"):
         make_task_runner("slurm", 1)
+
+
+def test_changed_views_are_reingested_and_refit_a_touched_file_is_not(tmp_path):
+    """The reuse keys follow content: a re-rendered source image makes ingest rewrite that object and fit
+    redo it; the other objects (and a file whose time stamp alone changed) are reused."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from gaussian_atlas.data import IngestConfig, ingest
+
+    root = make_ingested(tmp_path, n_objects=2)
+    items = load_manifest(root / "ing")[["id", "path", "shard"]].to_dict("records")
+    out = tmp_path / "fits"
+    first = {r["id"]: r for r in fit_chunk(items, str(root / "ing"), str(out), CFG, device="cpu")}
+    a, b = sorted(first)
+    # a changed view of object a (another file, as a re-render writes it), and only a new time stamp for b
+    img = root / "raw" / "objects" / a / "images" / "r_000.png"
+    arr = __import__("numpy").asarray(Image.open(img)).copy()
+    arr[..., :3] = 255 - arr[..., :3]
+    tmp = img.with_suffix(".new.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, img)
+    other = root / "raw" / "objects" / b / "images" / "r_001.png"
+    os.utime(other, (1e9, 1e9))
+    ingest(IngestConfig(source=str(root / "raw"), captions=str(root / "raw" / "captions.jsonl"), min_views=4),
+           root / "ing", progress=False)
+    ing_img = next((root / "ing" / "objects").rglob(f"{a}/images/r_000.png"))
+    assert (__import__("numpy").asarray(Image.open(ing_img))[..., :3] == arr[..., :3]).all()  # not the stale view
+    again = {r["id"]: r for r in fit_chunk(items, str(root / "ing"), str(out), CFG, device="cpu")}
+    assert again[a]["input_stamp"] != first[a]["input_stamp"] and again[a]["seconds"] != first[a]["seconds"]
+    assert again[b] == first[b]  # reused as it was
+    shutil.rmtree(root)

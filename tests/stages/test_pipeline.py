@@ -227,3 +227,57 @@ def test_wrong_dataset_path_is_one_line_error(project, tracking):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: dataset path does not exist: does/not/exist"
     assert "Traceback" not in proc.stderr
+
+
+def test_repro_rebuilds_what_a_change_reaches_and_nothing_stale(project, tracking, prefect_harness):
+    """`dvc status` sees an edited library file in every stage; after `fit.steps` changes, `dvc repro` rebuilds
+    every atlas from the new fits, the statistics and the model (not a resume of the old checkpoints)."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from gaussian_atlas.atlas import AtlasConfig, atlas_stamp, input_stamp
+
+    proc = _dvc(project, "repro")  # earlier tests ran stages alone: back to a consistent state
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(_dvc(project, "status", "--json").stdout or "{}") == {}
+    lib = project / "src/gaussian_atlas/viz.py"
+    orig = lib.read_text()
+    lib.write_text(orig + "\n# an edit\n")
+    try:
+        changed = json.loads(_dvc(project, "status", "--json").stdout)
+        assert set(changed) == set(STAGES), changed
+    finally:
+        lib.write_text(orig)
+    assert json.loads(_dvc(project, "status", "--json").stdout or "{}") == {}
+
+    def snapshot():
+        index = pd.read_parquet(project / "data/atlas/index.parquet")
+        stamps = {}
+        for r in index.itertuples(index=False):
+            with np.load(project / "data/atlas" / r.path) as z:
+                stamps[r.id] = str(z["stamp"])
+        digest = lambda p: hashlib.sha256((project / p).read_bytes()).hexdigest()  # noqa: E731
+        return stamps, digest("data/normalize/stats.npz"), digest(
+            "models/atlas-unet/model/unet/diffusion_pytorch_model.safetensors")
+
+    stamps0, stats0, unet0 = snapshot()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["fit"]["steps"] = 25
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = _dvc(project, "repro")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stamps1, stats1, unet1 = snapshot()
+        assert set(stamps1) == set(stamps0) and all(stamps1[k] != stamps0[k] for k in stamps0)
+        acfg = AtlasConfig(**{k: v for k, v in params["atlas"].items() if k not in ("batch_objects", "device")})
+        fits = pd.read_csv(project / "data/prune_check/accepted.csv")
+        for r in fits.itertuples(index=False):  # each atlas is keyed by the bytes of the current fit
+            assert stamps1[r.id] == input_stamp(atlas_stamp(acfg), project / "data/fits" / r.ply)
+        assert stats1 != stats0 and unet1 != unet0
+        assert json.loads((project / "metrics/train.json").read_text())["step"] == 3
+    finally:
+        params["fit"]["steps"] = 30
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -117,3 +117,26 @@ def test_train_repurposes_a_4_channel_prior(tmp_path):
     te0 = CLIPTextModel.from_pretrained(tmp_path / "prior" / "model" / "text_encoder")
     te1 = CLIPTextModel.from_pretrained(tmp_path / "run" / "model" / "text_encoder")
     assert all(torch.equal(a, b) for a, b in zip(te0.parameters(), te1.parameters()))  # frozen, as SD's CLIP
+
+
+def test_checkpoints_of_other_data_or_settings_are_not_resumed(tmp_path):
+    """A rerun on changed atlases (or a changed learning rate) trains afresh; more steps or other logging
+    settings resume. extra.pt loads with weights_only=True (no pickled code)."""
+    from diffusers import UNet2DConditionModel
+
+    data, acfg = _data(tmp_path)
+    train(CFG, data, acfg, tmp_path / "a")
+    extra = torch.load(latest_checkpoint(tmp_path / "a") / "extra.pt", weights_only=True)
+    assert extra["step"] == 6 and extra["run_key"]
+    changed = replace(data, atlases=data.atlases + 0.5)
+    s = train(CFG, changed, acfg, tmp_path / "a")  # the same folder, new data: not "already at step 6"
+    assert s["step"] == 6 and s["stopped"] == "steps"
+    train(CFG, changed, acfg, tmp_path / "b")
+    load = lambda p: UNet2DConditionModel.from_pretrained(p / "model" / "unet")  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(load(tmp_path / "a").parameters(), load(tmp_path / "b").parameters()))
+    # longer, with other logging: resumes from step 6 (only 2 more steps run)
+    logs = []
+    train(replace(CFG, steps=8, log_every=2), changed, acfg, tmp_path / "b", log=lambda k, m: logs.append(k))
+    assert logs == [8]
+    train(replace(CFG, lr=5e-4), changed, acfg, tmp_path / "b", log=lambda k, m: logs.append(k))  # other lr: afresh
+    assert logs[1:] == [1, 2, 3, 4, 5, 6]
