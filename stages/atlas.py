@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - t0
         index = pd.DataFrame(rows).sort_values("id").reset_index(drop=True) if rows else pd.DataFrame(
             columns=["id", "caption", "path", "shard", "center_x", "center_y", "center_z", "scale", "n_real",
-                     "n_input", "split"])
+                     "n_input", "split", "coherence", "distance_ratio"])
         gio.write_parquet(out / "index.parquet", index)
         q = pd.DataFrame(quarantine, columns=["id", "reason"])
         with gio.atomic_path(out / "quarantine.csv") as tmp:
@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"n_objects": len(index), "n_quarantined": len(q), "side": cfg.side,
                    "n_gaussians_per_atlas": cfg.side ** 2, "seconds": round(seconds, 2),
                    "grid_seconds": round(t_grid, 3), "seconds_per_object": round(seconds / max(1, len(items)), 4),
-                   "padded_fraction_mean": float(1 - (index["n_real"] / cfg.side ** 2).mean()) if len(index) else 0.0}
+                   "padded_fraction_mean": float(1 - (index["n_real"] / cfg.side ** 2).mean()) if len(index) else 0.0,
+                   "layout": cfg.layout,
+                   # structure: share of right/down pixel pairs that are 3D 8-nearest neighbours, and their distance
+                   # relative to the 8-NN distance (gaussian_atlas.atlas.neighbour_coherence)
+                   "coherence_mean": float(index["coherence"].mean()) if len(index) else float("nan"),
+                   "distance_ratio_median": float(index["distance_ratio"].median()) if len(index) else float("nan")}
         gio.write_json(args.metrics, metrics)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for f in (out / "index.parquet", out / "quarantine.csv"):
             mlflow.log_artifact(str(f))
         for r in index.head(4).itertuples(index=False):

@@ -111,6 +111,11 @@ __all__ = [
     "gaussians_to_atlas",
     "build_atlases",
     "atlas_to_gaussians",
+    "LAYOUTS",
+    "layout_perm",
+    "neighbour_coherence",
+    "training_rows",
+    "input_stamp",
     "channel_images",
     "atlas_figure",
 ]
@@ -137,6 +142,10 @@ _OPACITY_EPS = 1e-6  # decoded opacities are clamped to [eps, 1 - eps] before th
 _MAX_PAD_LOGIT = -12.0
 
 
+LAYOUTS = ("ot", "random", "morton")
+"""Where each Gaussian goes (:func:`layout_perm`): the paper's optimal transport, and two controls."""
+
+
 @dataclass(frozen=True)
 class AtlasConfig:
     """``params.yaml: atlas``.
@@ -148,6 +157,8 @@ class AtlasConfig:
         (sigmoid = 6e-6, far under the 1/255 every renderer culls).
     pad_log_scale : log standard deviation of padding Gaussians, normalised (unit-sphere) frame.
     cache_dir : where the sphere -> grid index is cached (content-addressed file).
+    layout : which sphere point (hence pixel) each Gaussian takes (:func:`layout_perm`):
+        "ot" (the paper's sphere offsetting), or the controls "random" and "morton".
     """
 
     side: int = 128
@@ -155,6 +166,7 @@ class AtlasConfig:
     pad_opacity_logit: float = -12.0
     pad_log_scale: float = -9.0
     cache_dir: str = "data/atlas_cache"
+    layout: str = "ot"
 
     def __post_init__(self) -> None:
         if int(self.side) != self.side or self.side < 1:
@@ -165,6 +177,8 @@ class AtlasConfig:
             raise ValueError(f"pad_opacity_logit must be <= {_MAX_PAD_LOGIT}, got {self.pad_opacity_logit}")
         if not math.isfinite(self.pad_log_scale):
             raise ValueError(f"pad_log_scale must be finite, got {self.pad_log_scale}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
 
     @property
     def n(self) -> int:
@@ -333,6 +347,45 @@ def sphere_to_grid(side: int, method: str = "auto", cache_dir: str | os.PathLike
 # ---------------------------------------------------------------------------------------
 
 
+def _morton_codes(x: Tensor, bits: int = 10) -> Tensor:
+    """Z-order (Morton) codes ``[..., N]`` of points ``x [..., N, 3]`` in [-1, 1]^3, ``bits`` per axis."""
+    q = ((x.clamp(-1, 1) + 1) * 0.5 * (2**bits - 1)).round().long()  # [..., N, 3]
+    code = torch.zeros(q.shape[:-1], dtype=torch.long, device=x.device)
+    for b in range(bits):
+        for a in range(3):
+            code |= ((q[..., a] >> b) & 1) << (3 * b + a)
+    return code
+
+
+def layout_perm(means: Tensor, sphere: Tensor, grid: Tensor, layout: str = "ot", method: str = "auto") -> Tensor:
+    """Sphere point of each Gaussian ``perm [..., N]`` under ``layout`` (pixel = ``grid[perm]``).
+
+    means : ``[..., N, 3]`` normalised centres (unit ball); sphere : ``[N, 3]``; grid : ``[N]``
+    (:func:`sphere_to_grid`).
+
+    * ``"ot"``: the paper's sphere offsetting, ``assign(means, sphere, method)``: Gaussians
+      close in 3D land on close sphere points, hence (plane offsetting) close pixels.
+    * ``"random"``: a fixed random permutation (seeded by N alone): no structure at all.
+    * ``"morton"``: the Gaussians sorted by the Z-order code of their centres fill the pixels
+      row-major: 3D locality without any transport (a Z-curve's jumps break it at every scale).
+
+    Every layout keeps every Gaussian and the packing; offsets are taken from the sphere point of
+    the pixel, so :func:`atlas_to_gaussians` inverts all of them exactly.
+    """
+    n = sphere.shape[0]
+    if layout == "ot":
+        return assign(means, sphere, method).to(means.device).long()
+    if layout == "random":
+        g = torch.Generator().manual_seed(n)
+        return torch.randperm(n, generator=g).to(means.device).expand(means.shape[:-1]).clone()
+    if layout == "morton":
+        rank = torch.argsort(torch.argsort(_morton_codes(means), dim=-1, stable=True), dim=-1)  # [..., N] pixel
+        point_at_pixel = torch.empty_like(grid)
+        point_at_pixel[grid] = torch.arange(n, device=grid.device)
+        return point_at_pixel.to(means.device)[rank]
+    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
 def _check_gs2sphere(gs2sphere: Any, n: int, n_input: int) -> Tensor:
     idx = torch.as_tensor(np.asarray(gs2sphere.cpu() if isinstance(gs2sphere, Tensor) else gs2sphere))
     if n_input != n:
@@ -403,9 +456,9 @@ def gaussians_to_atlas(
     gn, meta = prepare_gaussians(g, cfg)
     dev = gn.device
     sphere = torch.from_numpy(fibonacci_sphere(n)).to(dev)  # [N, 3] float64
-    perm = idx.to(dev) if idx is not None else assign(gn.means, sphere, cfg.method).to(dev).long()  # [N]
     if grid is None:
-        grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir)
+        grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=dev)
+    perm = idx.to(dev) if idx is not None else layout_perm(gn.means, sphere, grid.to(dev), cfg.layout, cfg.method)
     meta["grid"] = _grid_name(cfg)
     return _pack(gn, sphere, perm, grid, cfg.side), meta
 
@@ -464,12 +517,12 @@ def build_atlases(
     sphere = torch.from_numpy(fibonacci_sphere(n)).to(dev)  # [N, 3]
     todo = [b for b in range(len(gs)) if b not in fixed]
     perm = torch.empty(len(gs), n, dtype=torch.long, device=dev)  # [B, N]
+    grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=dev)  # once per N, on this device
     if todo:
         sel = torch.as_tensor(todo, device=dev)
-        perm[sel] = assign(gb.means[sel], sphere, cfg.method).to(dev).long()
+        perm[sel] = layout_perm(gb.means[sel], sphere, grid.to(dev), cfg.layout, cfg.method)
     for b, idx in fixed.items():
         perm[b] = idx.to(dev)
-    grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir)
     for meta in metas:
         meta["grid"] = _grid_name(cfg)
     return _pack(gb, sphere, perm, grid, cfg.side), metas
@@ -621,6 +674,56 @@ def atlas_figure(atlas: Tensor | np.ndarray, scale: int = 1, pad: int = 2) -> np
     return np.concatenate(parts, axis=1)
 
 
+# --------------------------------------------------------------------------- structure
+
+
+def neighbour_coherence(atlas: Tensor | np.ndarray, cfg: AtlasConfig = AtlasConfig(), *, grid: Tensor | None = None,
+                        k: int = 8, min_opacity: float = 1e-4, chunk: int = 4096) -> dict[str, float]:
+    """How much an atlas's pixel neighbourhood is a 3D neighbourhood (the structure a UNet can use).
+
+    For each pair of horizontally or vertically adjacent pixels (right and down neighbours) that
+    both hold a real Gaussian (opacity >= ``min_opacity``; padding sits at ~6e-6):
+
+    * ``coherence``: share of the pairs whose second Gaussian is among the ``k`` nearest real
+      Gaussians (by centre) of the first;
+    * ``distance_ratio``: median centre distance over the pairs / median distance from a real
+      Gaussian to its ``k``-th nearest real Gaussian (~1 or below: pixel neighbours are 3D
+      neighbours; a random layout gives the object's typical inter-point distance, many times more).
+
+    atlas : ``[16, S, S]`` (the normalised frame is enough: both numbers are scale-free).
+    Returns ``{"coherence", "distance_ratio", "n_pairs"}`` (NaN when there is no pair).
+    """
+    a = torch.as_tensor(np.asarray(atlas) if not isinstance(atlas, Tensor) else atlas).float().cpu()
+    S = cfg.side
+    g = atlas_to_gaussians(a, None, cfg, grid=grid)
+    x = g.means.double()  # [N, 3], pixel k = Gaussian k (row-major)
+    real = torch.sigmoid(g.opacity_logits.double()) >= min_opacity  # [N]
+    idx = torch.arange(S * S).reshape(S, S)
+    pairs = torch.cat([torch.stack([idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)], 1),
+                       torch.stack([idx[:-1, :].reshape(-1), idx[1:, :].reshape(-1)], 1)])  # [P, 2]
+    pairs = pairs[real[pairs[:, 0]] & real[pairs[:, 1]]]
+    nan = {"coherence": float("nan"), "distance_ratio": float("nan"), "n_pairs": 0}
+    rid = torch.nonzero(real).squeeze(1)
+    if not len(pairs) or len(rid) <= k:
+        return nan
+    xr = x[rid]  # [R, 3]
+    kk = min(k, len(rid) - 1)
+    nn_idx, kth = [], []
+    for s0 in range(0, len(rid), chunk):  # [c, R] distances, a chunk of rows at a time
+        d = torch.cdist(xr[s0:s0 + chunk], xr)
+        d[torch.arange(d.shape[0]), torch.arange(s0, s0 + d.shape[0])] = float("inf")  # not oneself
+        vals, ids = torch.topk(d, kk, dim=1, largest=False)
+        nn_idx.append(rid[ids])
+        kth.append(vals[:, -1])
+    nn = torch.full((S * S, kk), -1, dtype=torch.long)
+    nn[rid] = torch.cat(nn_idx)  # [N, k] pixel ids of each real Gaussian's k nearest
+    hit = (nn[pairs[:, 0]] == pairs[:, 1:2]).any(1)
+    dist = (x[pairs[:, 0]] - x[pairs[:, 1]]).norm(dim=1)
+    return {"coherence": float(hit.double().mean()),
+            "distance_ratio": float(dist.median() / torch.cat(kth).median().clamp_min(1e-12)),
+            "n_pairs": int(len(pairs))}
+
+
 # --------------------------------------------------------------------------- many objects on disk
 
 
@@ -673,7 +776,9 @@ def _index_row(item: Mapping[str, Any], rel: str, z: Any) -> dict[str, Any]:
     return {"id": str(item["id"]), "caption": str(item.get("caption", "") or ""), "path": rel,
             "shard": str(item.get("shard", "")), "center_x": float(c[0]), "center_y": float(c[1]),
             "center_z": float(c[2]), "scale": float(z["scale"]), "n_real": int(z["n_real"]),
-            "n_input": int(z["n_input"]), "split": str(item.get("split") or "train")}
+            "n_input": int(z["n_input"]), "split": str(item.get("split") or "train"),
+            "coherence": float(z["coherence"]) if "coherence" in z else float("nan"),
+            "distance_ratio": float(z["distance_ratio"]) if "distance_ratio" in z else float("nan")}
 
 
 def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir: str | os.PathLike, *,
@@ -689,7 +794,8 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
         (it must index this module's Fibonacci sphere; see :func:`gaussians_to_atlas`).
 
     Writes ``out_dir/atlases/<shard>/<id>.npz`` (``atlas [16,S,S]`` float32, ``center``,
-    ``scale``, ``n_real``, ``n_input``, ``stamp``) atomically; an existing file is kept
+    ``scale``, ``n_real``, ``n_input``, ``stamp``, and :func:`neighbour_coherence`'s ``coherence``
+    and ``distance_ratio``) atomically; an existing file is kept
     (resume) only when its ``stamp`` equals :func:`input_stamp`: same settings, code
     and input PLY bytes. Returns ``(index rows, quarantine rows)``;
     a quarantine row is ``{"id", "reason"}`` (unreadable file, missing properties,
@@ -748,10 +854,13 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                         results.append(((it, rel), a.numpy(), m))
                     except ValueError as exc:
                         quarantine.append({"id": str(it["id"]), "reason": str(exc)})
+            grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir)
             for (it, rel), a, m in results:
+                coh = neighbour_coherence(a, cfg, grid=grid)  # how much pixel neighbours are 3D neighbours
                 with gio.atomic_path(out_dir / rel, suffix=".npz") as tmp:
                     np.savez(tmp, atlas=np.asarray(a, dtype=np.float32), center=np.asarray(m["center"]),
-                             scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=it["stamp"])
+                             scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=it["stamp"],
+                             coherence=coh["coherence"], distance_ratio=coh["distance_ratio"])
                 with np.load(out_dir / rel) as z:
                     rows.append(_index_row(it, rel, z))
         bar.update(len(todo[start:start + max(1, batch)]))

@@ -378,3 +378,77 @@ def test_channel_images(cfg):
     np.testing.assert_array_equal(imgs["albedo"], expected)
     fig = atlas_figure(atlas, scale=2)
     assert fig.shape == (2 * SIDE, 5 * 2 * SIDE + 4 * 2, 3) and fig.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- layouts and structure
+
+
+def _surface(n: int, seed: int = 0) -> Gaussians:
+    """Gaussians on a torus surface (a shape with 3D neighbourhoods worth keeping), small and opaque."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.rand(n, generator=g) * 2 * math.pi, torch.rand(n, generator=g) * 2 * math.pi
+    means = torch.stack([(0.6 + 0.25 * v.cos()) * u.cos(), (0.6 + 0.25 * v.cos()) * u.sin(), 0.25 * v.sin()], 1)
+    return Gaussians(means=means, quats=torch.randn(n, 4, generator=g), log_scales=torch.full((n, 3), -4.0),
+                     opacity_logits=torch.full((n,), 3.0), sh0=torch.randn(n, 3, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("layout", ["ot", "random", "morton"])
+def test_every_layout_is_a_permutation_and_inverts_exactly(cfg, layout):
+    from dataclasses import replace
+
+    lc = replace(cfg, layout=layout)
+    g = _object(N, seed=5)
+    atlas, meta = gaussians_to_atlas(g, lc)
+    back = atlas_to_gaussians(atlas, meta, lc)  # decoding does not need to know the layout
+    ia, ib = _match(g.means, back.means, tol=1e-5)
+    assert len(set(ia.tolist())) == N and len(set(ib.tolist())) == N  # every Gaussian, each in one pixel
+    torch.testing.assert_close(back.rgb()[ib], g.rgb()[ia], atol=1e-5, rtol=0)
+    torch.testing.assert_close(back.log_scales[ib], g.log_scales[ia], atol=1e-5, rtol=0)
+    batched, _ = build_atlases([g, _object(N, seed=6)], lc)
+    torch.testing.assert_close(batched[0], atlas)
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="layout"):
+        AtlasConfig(side=4, layout="hilbert")
+
+
+def test_neighbour_coherence_on_a_hand_made_atlas(cfg):
+    """A 1-D chain of points laid out pixel by pixel along rows: right neighbours are 3D neighbours, a row's
+    last and the next row's first are not; the numbers follow by counting."""
+    from gaussian_atlas.atlas import neighbour_coherence, sphere_to_grid
+
+    S = SIDE
+    grid = sphere_to_grid(S, "scipy", cfg.cache_dir)
+    sphere_at_pixel = torch.empty(S * S, 3, dtype=torch.float64)
+    sphere_at_pixel[grid] = torch.from_numpy(__import__("gaussian_atlas.assign", fromlist=["x"]).fibonacci_sphere(S * S))
+    pos = torch.zeros(S * S, 3, dtype=torch.float64)
+    pos[:, 0] = torch.arange(S * S) * 0.01  # pixel k at x = 0.01 k: a straight chain in row-major order
+    atlas = torch.zeros(16, S * S, dtype=torch.float64)
+    atlas[0:3] = (pos - sphere_at_pixel).T
+    atlas[[3, 7, 11]] = 0.9
+    atlas[12] = 1.0
+    c = neighbour_coherence(atlas.reshape(16, S, S).float(), cfg, grid=grid, k=2)
+    # right pairs: S*(S-1), all 1 apart (among the 2 nearest); down pairs: S*(S-1), S apart (not, for S > 2)
+    assert c["n_pairs"] == 2 * S * (S - 1)
+    assert c["coherence"] == pytest.approx(0.5, abs=1e-6)
+    assert c["distance_ratio"] > 1.0  # the median pair (halfway between 1 and S steps) is beyond the 2nd NN
+
+
+def test_ot_layout_is_more_coherent_than_the_controls(tmp_path):
+    """On a torus the paper's layout keeps far more pixel neighbours as 3D neighbours than the Z-order
+    control, which keeps more than a random layout (the control that has no structure at all)."""
+    from dataclasses import replace
+
+    from gaussian_atlas.atlas import neighbour_coherence
+
+    base = AtlasConfig(side=16, method="scipy", cache_dir=str(tmp_path / "c"))
+    g = _surface(256)
+    coh = {}
+    for layout in ("ot", "morton", "random"):
+        lc = replace(base, layout=layout)
+        atlas, _ = gaussians_to_atlas(g, lc)
+        coh[layout] = neighbour_coherence(atlas, lc)
+    assert coh["ot"]["coherence"] > coh["morton"]["coherence"] > coh["random"]["coherence"]
+    assert coh["random"]["coherence"] < 0.1 and coh["ot"]["coherence"] > 0.3
+    assert coh["ot"]["distance_ratio"] < coh["random"]["distance_ratio"]
