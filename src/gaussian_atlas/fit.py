@@ -79,6 +79,8 @@ class FitConfig:
         ``lr_*`` of free Gaussians apply to ``"plain"`` only.
     max_seconds : wall-clock budget of one :func:`fit_objects` call (the whole batch);
         the loop stops after the step that reaches it (0 = no budget: ``steps`` steps).
+    bound_rank : which Gaussians the bound removes first (``"plain"``):
+        ``"visibility"`` (the paper's), ``"opacity"`` or ``"random"`` (ablation controls).
     """
 
     steps: int = 1500
@@ -108,8 +110,13 @@ class FitConfig:
     method: str = "plain"
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     max_seconds: float = 0.0
+    bound_rank: str = "visibility"
 
     def __post_init__(self) -> None:
+        from .prune import BOUND_RANKS
+
+        if self.bound_rank not in BOUND_RANKS:
+            raise ValueError(f"fit: unknown bound_rank {self.bound_rank!r}; choose one of {BOUND_RANKS}")
         if self.tau < 1 or self.steps < 1 or self.views_per_step < 1 or self.holdout_every < 2:
             raise ValueError("fit: tau, steps, views_per_step must be >= 1 and holdout_every >= 2")
         if self.method not in METHODS:
@@ -422,7 +429,7 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
 
     d = cfg.densify
     strategy = BoundedVisibilityStrategy(
-        tau=cfg.tau, group_spacing=cfg.spacing if B > 1 else None,
+        tau=cfg.tau, group_spacing=cfg.spacing if B > 1 else None, rank_by=cfg.bound_rank, seed=cfg.seed,
         densify=DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d, grow_scale3d=d.grow_scale3d,
                                 prune_scale3d=d.prune_scale3d, refine_start_iter=d.refine_start_iter,
                                 refine_stop_iter=d.refine_stop_iter, refine_every=d.refine_every,
@@ -536,7 +543,7 @@ def config_hash(cfg: FitConfig) -> str:
             d.pop(k)
     else:
         for k in ("densify", "init_opacity", "lr_means", "lr_means_final", "lr_scales", "lr_quats", "lr_opacities",
-                  "lr_sh0"):
+                  "lr_sh0", "bound_rank"):
             d.pop(k)
         mods.append(anchors)
     if not cfg.max_seconds:

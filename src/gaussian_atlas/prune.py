@@ -34,7 +34,10 @@ from gsplat.strategy import DefaultStrategy, Strategy
 from gsplat.strategy.ops import remove
 from torch import Tensor
 
-__all__ = ["BoundedVisibilityStrategy", "PruneCheckConfig", "blending_weights", "object_groups", "rank_within_groups"]
+__all__ = ["BOUND_RANKS", "BoundedVisibilityStrategy", "PruneCheckConfig", "blending_weights", "object_groups", "rank_within_groups"]
+
+
+BOUND_RANKS = ("visibility", "opacity", "random")
 
 
 def object_groups(means: Tensor, spacing: float | None) -> Tensor:
@@ -106,11 +109,17 @@ class BoundedVisibilityStrategy(Strategy):
     randomly chosen training views (see :func:`blending_weights`); the strategy calls
     it only when some object is over ``tau``. The last measured visibility is kept in
     ``params["visibility"]`` (not trainable), so it follows every clone/split/remove.
+
+    ``rank_by`` (the bounding-rule ablation, ``fit.bound_rank``): ``"visibility"`` (the paper's:
+    the accumulated blending weight ``sum alpha * T`` over sampled training views), ``"opacity"``
+    (the least opaque go first; no rendering) or ``"random"`` (a seeded draw: the control).
     """
 
     tau: int = 36_864
     densify: DefaultStrategy = field(default_factory=DefaultStrategy)
     group_spacing: float | None = None
+    rank_by: str = "visibility"  # which Gaussians the bound removes first: see BOUND_RANKS
+    seed: int = 0  # of the "random" rule
 
     def initialize_state(self, scene_scale: float = 1.0) -> dict[str, Any]:
         state = self.densify.initialize_state(scene_scale)
@@ -124,6 +133,8 @@ class BoundedVisibilityStrategy(Strategy):
             raise ValueError("params needs a non-trainable 'visibility' tensor [N] for the bounded strategy")
         if self.tau < 1:
             raise ValueError(f"tau must be >= 1, got {self.tau}")
+        if self.rank_by not in BOUND_RANKS:
+            raise ValueError(f"unknown bound rank {self.rank_by!r}; expected one of {', '.join(BOUND_RANKS)}")
 
     def step_pre_backward(self, params, optimizers, state, step, info) -> None:
         self.densify.step_pre_backward(params, optimizers, state, step, info)
@@ -139,12 +150,18 @@ class BoundedVisibilityStrategy(Strategy):
         counts = torch.bincount(groups - groups.min()) if groups.numel() else groups
         if groups.numel() == 0 or int(counts.max()) <= self.tau:
             return 0
-        measure = state.get("measure_visibility")
-        if measure is None:
-            raise RuntimeError("the bounded strategy needs state['measure_visibility'] set by the trainer")
-        vis = measure(params)  # [N]
-        params["visibility"].data.copy_(vis)
-        over = rank_within_groups(groups, vis) >= self.tau  # [N] bool
+        if self.rank_by == "visibility":
+            measure = state.get("measure_visibility")
+            if measure is None:
+                raise RuntimeError("the bounded strategy needs state['measure_visibility'] set by the trainer")
+            score = measure(params)  # [N]
+            params["visibility"].data.copy_(score)
+        elif self.rank_by == "opacity":
+            score = torch.sigmoid(params["opacities"].detach())  # [N]
+        else:  # random: a fresh seeded draw per bound event
+            gen = torch.Generator().manual_seed(self.seed + 1009 * int(state["n_bound_events"]))
+            score = torch.rand(groups.shape[0], generator=gen).to(groups.device)
+        over = rank_within_groups(groups, score) >= self.tau  # [N] bool
         n = int(over.sum())
         remove(params=params, optimizers=optimizers, state=state, mask=over)
         state["n_bound_events"] += 1

@@ -104,3 +104,48 @@ def test_blending_weights_sum_to_rendered_alpha():
     w2 = blending_weights(render, means2, torch.cat([quats, quats[:1]]), torch.cat([scales, scales[:1]]),
                           torch.cat([opac, opac[:1]]), c2w, K, 32, 32)
     assert w2[-1] == 0
+
+
+@pytest.mark.parametrize("rule", ["opacity", "random"])
+def test_other_bound_rules_respect_the_bound_and_keep_state_aligned(rule):
+    """The ablation rules (fit.bound_rank): the bound holds per object, the optimizer state follows its rows,
+    "opacity" keeps the most opaque, "random" is seeded (same seed, same survivors) and never renders."""
+    spacing, tau = 100.0, 20
+
+    def run(seed):
+        params, opts = _params(n_per_group=50, groups=2, spacing=spacing)
+        loss = sum(p.sum() for k, p in params.items() if k != "visibility")
+        loss.backward()
+        for o in opts.values():
+            o.step()
+        params["sh0"].data[:, 0] = torch.arange(len(params["means"]), dtype=torch.float32)  # row ids
+        for k, o in opts.items():
+            o.state[params[k]]["exp_avg"] = params[k].detach().clone()
+        s = BoundedVisibilityStrategy(tau=tau, group_spacing=spacing, densify=DefaultStrategy(refine_stop_iter=0),
+                                      rank_by=rule, seed=seed)
+        state = s.initialize_state()
+        state["measure_visibility"] = lambda p: (_ for _ in ()).throw(AssertionError("must not render"))
+        before = torch.sigmoid(params["opacities"].detach()).clone()
+        s.check_sanity(params, opts)
+        assert s.enforce_bound(params, opts, state) == 2 * (50 - tau)
+        groups = object_groups(params["means"], spacing)
+        assert torch.bincount(groups).tolist() == [tau] * 2
+        for k, o in opts.items():
+            assert torch.equal(o.state[params[k]]["exp_avg"], params[k].detach())
+        return params["sh0"][:, 0].detach().long(), before
+
+    kept, opac = run(0)
+    if rule == "opacity":
+        for g in range(2):
+            ids = torch.arange(g * 50, (g + 1) * 50)
+            best = ids[torch.sort(opac[ids], descending=True, stable=True).indices[:tau]]
+            assert sorted(kept[(kept >= g * 50) & (kept < (g + 1) * 50)].tolist()) == sorted(best.tolist())
+    else:
+        assert torch.equal(kept, run(0)[0]) and not torch.equal(kept, run(1)[0])
+
+
+def test_unknown_bound_rule_is_refused():
+    from gaussian_atlas.fit import FitConfig
+
+    with pytest.raises(ValueError, match="bound_rank"):
+        FitConfig(bound_rank="size")
