@@ -6,7 +6,10 @@ Streams every atlas through a numerically stable running mean/variance (Chan's p
 merge of Welford moments, float64), floors the std at ``normalize.std_floor`` so no pixel
 divides by ~0, and writes ``<out>/stats.npz`` (mean, std, m2, count, std_floor). A
 great-expectations suite checks the statistics (finite means, finite positive stds, enough
-atlases). Pictures of the mean and std maps go to MLflow.
+atlases). Atlases outside the bounds of a valid atlas (``gaussian_atlas.atlas.atlas_problem``:
+finite, offsets within 2, opacities in [0, 1], log-scales up to ``atlas.max_log_scale``) are
+left out of the statistics and listed with their reason in ``<out>/quarantine.csv``. Pictures of
+the mean and std maps go to MLflow.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import CHANNEL_NAMES, atlas_figure, training_rows
+    from gaussian_atlas.atlas import CHANNEL_NAMES, AtlasConfig, atlas_figure, atlas_problem, training_rows
+    from gaussian_atlas.config import from_dict
     from gaussian_atlas.checks import validate_stats
     from gaussian_atlas.normalize import RunningStats
 
     params = load_params("normalize", args.params)
+    atlas_section = {k: v for k, v in load_params("atlas", args.params).items() if k not in ("batch_objects", "device")}
+    acfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
     std_floor = float(params.get("std_floor", 1e-3))
     min_atlases = int(params.get("min_atlases", 2))
     batch = int(params.get("batch", 64))
@@ -47,17 +53,27 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("normalize", {"std_floor": std_floor, "min_atlases": min_atlases, "batch": batch}):
         stats = RunningStats(std_floor=std_floor)
         paths = list(index["path"])
+        refused = []  # atlases outside the bounds (e.g. imported by hand): quarantined, not in the statistics
         for start in range(0, len(paths), batch):
             arrays = []
             for p in paths[start:start + batch]:
                 with np.load(Path(args.atlas) / p) as z:
-                    arrays.append(z["atlas"])
-            stats.update(np.stack(arrays))
+                    problem = atlas_problem(z["atlas"], acfg)
+                    if problem:
+                        refused.append({"path": p, "reason": problem})
+                    else:
+                        arrays.append(z["atlas"])
+            if arrays:
+                stats.update(np.stack(arrays))
+        with gio.atomic_path(out / "quarantine.csv") as tmp:
+            pd.DataFrame(refused, columns=["path", "reason"]).to_csv(tmp, index=False)
+        for r in refused:
+            print(f"normalize: refused {r['path']}: {r['reason']}")
         if stats.count == 0:
             raise StageError(f"{index_path} lists no atlases: nothing to normalise")
         verdict = validate_stats(stats, min_atlases, docs_dir=reports / "data_docs")
         stats.save(out / "stats.npz")
-        metrics = {"count": int(stats.count), "floored_fraction": float(stats.floored_fraction()),
+        metrics = {"count": int(stats.count), "n_refused": len(refused), "floored_fraction": float(stats.floored_fraction()),
                    "gx_success": bool(verdict["success"])}
         summary = stats.summary(CHANNEL_NAMES)
         gio.write_json(args.metrics, {**metrics, "channels": summary, "failed_expectations": verdict["expectations"]})

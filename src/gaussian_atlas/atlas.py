@@ -114,6 +114,7 @@ __all__ = [
     "LAYOUTS",
     "layout_perm",
     "neighbour_coherence",
+    "atlas_problem",
     "training_rows",
     "input_stamp",
     "channel_images",
@@ -159,6 +160,10 @@ class AtlasConfig:
     cache_dir : where the sphere -> grid index is cached (content-addressed file).
     layout : which sphere point (hence pixel) each Gaussian takes (:func:`layout_perm`):
         "ot" (the paper's sphere offsetting), or the controls "random" and "morton".
+    max_log_scale : the largest log standard deviation a Gaussian may have in the unit-ball
+        frame (1.0: e times the object's radius); an object with a larger one is refused
+        (quarantined by the stage), since one such Gaussian covers the object and would shift
+        every pixel's statistics in ``normalize``.
     """
 
     side: int = 128
@@ -167,6 +172,7 @@ class AtlasConfig:
     pad_log_scale: float = -9.0
     cache_dir: str = "data/atlas_cache"
     layout: str = "ot"
+    max_log_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if int(self.side) != self.side or self.side < 1:
@@ -222,7 +228,9 @@ def prepare_gaussians(g: Gaussians, cfg: AtlasConfig = AtlasConfig()) -> tuple[G
     ------
     ValueError
         Batched input, zero Gaussians, non-finite values or zero quaternions (the message
-        names the field and the count).
+        names the field and the count); all kept Gaussians at one centre (no shape: a single
+        Gaussian or a collapsed fit); a log-scale above ``cfg.max_log_scale`` in the unit-ball
+        frame (the message names the Gaussian, the axis and the value).
     """
     _check(g)
     n_atlas = cfg.n
@@ -238,9 +246,18 @@ def prepare_gaussians(g: Gaussians, cfg: AtlasConfig = AtlasConfig()) -> tuple[G
     # -- normalise: bounding-box centre, farthest centre at radius 1 --------------------
     center = 0.5 * (means.amin(0) + means.amax(0))  # [3]
     radius = float((means - center).norm(dim=-1).max())
-    scale = 1.0 / radius if radius > 0 else 1.0
+    if not radius > 0:
+        raise ValueError(f"all {n_real} kept Gaussian(s) share one centre: no shape to place on the sphere "
+                         f"(a single Gaussian or a collapsed fit)")
+    scale = 1.0 / radius
     means = (means - center) * scale  # [n, 3]
     log_scales = log_scales + math.log(scale)  # [n, 3]
+    worst = int(torch.argmax(log_scales.max(-1).values))
+    if float(log_scales[worst].max()) > cfg.max_log_scale:
+        axis = int(torch.argmax(log_scales[worst]))
+        raise ValueError(f"scale_{axis} of Gaussian {worst} is {float(log_scales[worst, axis]):.3g} (log) in the "
+                         f"unit-ball frame, above atlas.max_log_scale {cfg.max_log_scale}: a Gaussian "
+                         f"{math.exp(float(log_scales[worst, axis])):.3g} times the object's radius")
     quats, logits, sh0 = g.quats, g.opacity_logits, g.sh0
     # -- pad with transparent copies -------------------------------------------------------
     if n_real < n_atlas:
@@ -760,6 +777,25 @@ def input_stamp(cfg_stamp: str, src: str | os.PathLike, use_gs2sphere: bool = Fa
                     h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:24]
+
+
+def atlas_problem(atlas: np.ndarray, cfg: AtlasConfig = AtlasConfig()) -> str | None:
+    """Why an atlas ``[16, S, S]`` read from disk cannot be a valid atlas of ``cfg``, or None: the shape,
+    non-finite values, offsets beyond 2 (both points lie in the unit ball), opacities outside [0, 1],
+    log-scales above ``cfg.max_log_scale`` (the bound :func:`prepare_gaussians` enforces)."""
+    a = np.asarray(atlas)
+    if a.shape != (ATLAS_CHANNELS, cfg.side, cfg.side):
+        return f"shape {list(a.shape)}, expected [{ATLAS_CHANNELS}, {cfg.side}, {cfg.side}]"
+    if not np.isfinite(a).all():
+        return f"{int((~np.isfinite(a)).sum())} non-finite values"
+    checks = ((OFFSET, -2.0 - 1e-3, 2.0 + 1e-3, "offset"), (list(OPACITY_CHANNELS), -1e-6, 1.0 + 1e-6, "opacity"),
+              (LOG_SCALE, -np.inf, cfg.max_log_scale + 1e-6, "log-scale"))
+    for sl, lo, hi, name in checks:
+        v = a[sl]
+        if v.min() < lo or v.max() > hi:
+            bad = float(v.max()) if v.max() > hi else float(v.min())
+            return f"{name} {bad:.4g} outside [{lo:.4g}, {hi:.4g}]"
+    return None
 
 
 def training_rows(index: Any) -> Any:
