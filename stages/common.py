@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,35 @@ def setup_mlflow(experiment: str | None = None) -> str:
     return exp.experiment_id
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def close_orphans(exp_id: str, stage: str) -> list[str]:
+    """Mark as KILLED the runs of ``stage`` left RUNNING by a process of this host that no longer exists
+    (a stage killed with -9 cannot close its own run); returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.`gatlas.stage` = '{stage}'"
+                              f" and tags.`gatlas.host` = '{host}'", max_results=100)
+    closed = []
+    for r in runs:
+        pid = r.data.tags.get("gatlas.pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(r.info.run_id, "gatlas.closed_by", f"the next {stage} run: its process {pid} was gone")
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    return closed
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     """An MLflow run for one stage: child of the flow's run when there is one."""
@@ -108,9 +138,11 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
     from gaussian_atlas.config import flatten
 
     exp_id = setup_mlflow()
+    close_orphans(exp_id, stage)
     parent = os.environ.get(PARENT_ENV) or None
     tags = {"gatlas.stage": stage, "mlflow.source.git.commit": git_commit(),
-            "gatlas.invoked_by": "flow" if parent else "dvc"}
+            "gatlas.invoked_by": "flow" if parent else "dvc", "gatlas.host": socket.gethostname(),
+            "gatlas.pid": str(os.getpid())}
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, parent_run_id=parent, tags=tags) as run:
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})

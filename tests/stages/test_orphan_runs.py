@@ -1,0 +1,38 @@
+"""A stage killed with -9 leaves its MLflow run RUNNING; the next run of that stage closes it as KILLED."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_killed_stage_run_is_closed_by_the_next(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}"}
+    env.pop("GATLAS_MLFLOW_PARENT_RUN_ID", None)
+    script = textwrap.dedent("""
+        import os, signal
+        from stages.common import stage_run
+        with stage_run("fit", {"steps": 1}):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == -9
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("gaussian-atlas")
+    (killed,) = client.search_runs([exp.experiment_id])
+    assert killed.info.status == "RUNNING"
+    ok = subprocess.run([sys.executable, "-c", "from stages.common import stage_run\nwith stage_run('fit', {}): pass"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    assert runs[killed.info.run_id].info.status == "KILLED"
+    assert "was gone" in runs[killed.info.run_id].data.tags["gatlas.closed_by"]
+    assert sorted(r.info.status for r in runs.values()) == ["FINISHED", "KILLED"]
