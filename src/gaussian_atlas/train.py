@@ -178,6 +178,19 @@ def run_key(cfg: TrainConfig, data: TrainData) -> str:
     return h.hexdigest()[:24]
 
 
+def _load_safe(ckpt: Path, load: Callable[[], Any]) -> Any:
+    """Run ``load`` (a ``weights_only=True`` load of checkpoint files); a file holding pickled code or
+    objects is refused with a one-line reason instead of being executed."""
+    import pickle
+
+    try:
+        return load()
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {ckpt} refused: a file in it holds pickled objects other than tensors and "
+                         f"plain data, which are never loaded (weights_only=True): {first}") from None
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     ckpts = sorted(Path(out_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     ckpts = [c for c in ckpts if (c / "extra.pt").exists()]  # complete ones only
@@ -274,7 +287,8 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     step = 0
     key = run_key(cfg, data)
     ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and torch.load(ckpt / "extra.pt", weights_only=True).get("run_key") != key:
+    if ckpt is not None and _load_safe(ckpt, lambda: torch.load(ckpt / "extra.pt", weights_only=True)).get(
+            "run_key") != key:
         if accelerator.is_main_process:
             print(f"train: the checkpoints in {out_dir} were made from other settings or data: starting afresh")
             for old in out_dir.glob("checkpoint-*"):
@@ -283,8 +297,8 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
         accelerator.wait_for_everyone()
         ckpt = None
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        extra = torch.load(ckpt / "extra.pt", weights_only=True)
+        _load_safe(ckpt, lambda: accelerator.load_state(str(ckpt)))  # accelerate loads with weights_only=True
+        extra = _load_safe(ckpt, lambda: torch.load(ckpt / "extra.pt", weights_only=True))
         step = int(extra["step"])
         ema.load_state_dict(extra["ema"])
         states = extra.get("rng_states") or [[r] for r in (extra.get("batch_rngs") or [extra["batch_rng"]])]

@@ -140,3 +140,24 @@ def test_checkpoints_of_other_data_or_settings_are_not_resumed(tmp_path):
     assert logs == [8]
     train(replace(CFG, lr=5e-4), changed, acfg, tmp_path / "b", log=lambda k, m: logs.append(k))  # other lr: afresh
     assert logs[1:] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path):
+    import pickle
+
+    import pytest
+
+    data, acfg = _data(tmp_path)
+    train(replace(CFG, steps=2), data, acfg, tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = latest_checkpoint(tmp_path / "run")
+    with open(ckpt / "extra.pt", "wb") as fh:
+        pickle.dump({"step": 2, "run_key": Evil()}, fh)
+    with pytest.raises(ValueError, match="refused.*weights_only"):
+        train(replace(CFG, steps=4), data, acfg, tmp_path / "run")
+    assert not marker.exists()
