@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = int(section.pop("batch_objects", 8))
     device = section.pop("device", "auto")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    cfg = from_dict(AtlasConfig, section, "params.yaml: atlas")
+    cfg = from_dict(AtlasConfig, section, "params.yaml: atlas", complete=True)
     if not Path(args.accepted).exists():
         raise StageError(f"no accepted fits at {args.accepted}: run prune_check first")
     accepted = pd.read_csv(args.accepted)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.gaussians import write_ply
     from gaussian_atlas.sample import load_atlas_model, sample_sheet, turntable, write_gif
 
-    cfg = from_dict(EvaluateConfig, load_params("evaluate", args.params), "params.yaml: evaluate")
+    cfg = from_dict(EvaluateConfig, load_params("evaluate", args.params), "params.yaml: evaluate", complete=True)
     atlas_dir = Path(args.atlas)
     index_path = atlas_dir / "index.parquet"
     if not index_path.exists():

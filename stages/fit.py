@@ -36,7 +36,7 @@ def fit_config(section: dict) -> tuple["FitConfig", dict]:
 
     section = dict(section)
     run = {k: section.pop(k) for k in RUNNER_KEYS if k in section}
-    return from_dict(FitConfig, section, "params.yaml: fit"), run
+    return from_dict(FitConfig, section, "params.yaml: fit", complete=True), run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.procedural import ProceduralConfig, generate_dataset
     from gaussian_atlas.viz import contact_sheet
 
-    cfg = from_dict(ProceduralConfig, load_params("generate", args.params), "params.yaml: generate")
+    cfg = from_dict(ProceduralConfig, load_params("generate", args.params), "params.yaml: generate", complete=True)
     with stage_run("generate", to_dict(cfg)):
         t0 = time.perf_counter()
         summary = generate_dataset(cfg, Path(args.out), progress=True)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.data import IngestConfig, ingest, load_object
     from gaussian_atlas.viz import contact_sheet
 
-    cfg = from_dict(IngestConfig, load_params("ingest", args.params), "params.yaml: ingest")
+    cfg = from_dict(IngestConfig, load_params("ingest", args.params), "params.yaml: ingest", complete=True)
     out, reports = Path(args.out), Path(args.reports)
     with stage_run("ingest", to_dict(cfg)):
         summary = ingest(cfg, out, docs_dir=reports / "data_docs", progress=True)

@@ -35,7 +35,7 @@ def prior_train_config(params: dict):
              "sample_size": int(params["atlas"]["side"])}
     section.update(model=model, lambda_rgb=0.0, lambda_mask=0.0, lambda_lpips=0.0, render_every=0, sample_every=0,
                    snapshots=[], sample_prompts=[])
-    return from_dict(TrainConfig, section, "params.yaml: pretrain2d over train")
+    return from_dict(TrainConfig, section, "params.yaml: pretrain2d over train", complete=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.procedural import COLORS, SHAPES, ProceduralConfig, _caption, _part, holdout_sets
 
     params = load_params(None, args.params)
-    data_cfg = from_dict(Prior2dData, (params.get("pretrain2d") or {}).get("data"), "params.yaml: pretrain2d.data")
+    data_cfg = from_dict(Prior2dData, (params.get("pretrain2d") or {}).get("data"), "params.yaml: pretrain2d.data", complete=True)
     gen = params.get("generate") or {}
     if int(data_cfg.seed) == int(gen.get("seed", 0)):
         raise StageError(f"pretrain2d.data.seed ({data_cfg.seed}) equals generate.seed: the 2D images would show the "

@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     from gaussian_atlas.prune import PruneCheckConfig
 
     params = load_params(None, args.params)
-    section = {**(params.get("prune_check") or {}), "tau": params.get("fit", {}).get("tau", 36_864)}
-    cfg = from_dict(PruneCheckConfig, section, "params.yaml: prune_check")
+    if "tau" not in (params.get("fit") or {}):
+        raise StageError("params.yaml: fit.tau is missing (prune_check's bound is the fit's, derived from it)")
+    section = {**(params.get("prune_check") or {}), "tau": params["fit"]["tau"]}  # derived, written once
+    cfg = from_dict(PruneCheckConfig, section, "params.yaml: prune_check", complete=True)
     table_path = Path(args.fits) / "metrics.parquet"
     if not table_path.exists():
         raise StageError(f"no fit metrics at {table_path}: run the fit stage first")

@@ -19,7 +19,7 @@ import argparse
 import os
 from pathlib import Path
 
-from stages.common import load_params, main_guard, stage_run
+from stages.common import StageError, load_params, main_guard, stage_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         args.register = (params.get("mlflow") or {}).get("registered_model") or ""
     atlas_section = {k: v for k, v in (params.get("atlas") or {}).items() if k not in ("batch_objects", "device")}
     atlas_cfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
-    cfg = from_dict(TrainConfig, params.get("train") or {}, "params.yaml: train")
+    cfg = from_dict(TrainConfig, train_section(params, atlas_cfg.side), "params.yaml: train", complete=True)
     data = load_train_data(args.atlas, args.stats, args.ingested, atlas_cfg, cfg.render_resolution)
     out = Path(args.out)
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks of `accelerate launch`/torchrun: train, log nothing
@@ -69,6 +69,18 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_artifacts(str(model), artifact_path="model")
     print(f"train: {summary['step']} steps, last loss {summary.get('last_loss', float('nan')):.4f}, "
           f"{summary['samples_per_second']:.1f} samples/s -> {model}")
+
+
+def train_section(params: dict, side: int) -> dict:
+    """``params.yaml: train`` with ``model.sample_size`` derived from ``atlas.side`` (written once, there)."""
+    section = dict(params.get("train") or {})
+    model = dict(section.get("model") or {})
+    if "sample_size" in model and int(model["sample_size"]) != int(side):
+        raise StageError(f"train.model.sample_size ({model['sample_size']}) differs from atlas.side ({side}); it is "
+                         "derived from atlas.side: remove it from params.yaml")
+    model["sample_size"] = int(side)
+    section["model"] = model
+    return section
 
 
 def register(model: Path, name: str) -> None:

@@ -11,13 +11,31 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["from_dict", "to_dict", "flatten"]
+__all__ = ["from_dict", "missing_keys", "to_dict", "flatten"]
 
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+def missing_keys(cls: type, data: dict[str, Any] | None, where: str = "") -> list[str]:
+    """Fields of ``cls`` (recursively through nested dataclasses) that ``data`` does not set."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            out.append(key)
+        elif dataclasses.is_dataclass(hints.get(f.name)) and isinstance(data[f.name], dict):
+            out += missing_keys(hints[f.name], data[f.name], key)
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", complete: bool = False) -> T:
     """Build ``cls`` (a dataclass) from ``data``; nested dataclass fields from nested dicts.
+
+    ``complete=True`` (the stages): every field must be given, so ``params.yaml`` is the one
+    source of every setting; a deleted line raises (naming the keys) instead of the class
+    default applying silently.
 
     Raises
     ------
@@ -40,6 +58,11 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         elif isinstance(value, list):
             value = _tuples(value)
         kwargs[name] = value
+    if complete:  # after the unknown keys (a typo) have been reported, at every level
+        absent = missing_keys(cls, data)
+        if absent:
+            raise ValueError(f"{where}: missing key(s) {absent}: params.yaml must set every setting "
+                             f"(a class default would apply silently)")
     return cls(**kwargs)
 
 
