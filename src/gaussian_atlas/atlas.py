@@ -848,6 +848,8 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
     rows: list[dict] = []
     quarantine: list[dict] = []
     todo = []
+    for shard in {it.get("shard") or "shard-00000" for it in items}:  # leftovers of a killed run
+        gio.remove_stale_temps(out_dir / "atlases" / shard)
     for it in items:
         rel = f"atlases/{it.get('shard') or 'shard-00000'}/{it['id']}.npz"
         path = out_dir / rel

@@ -21,6 +21,7 @@ import numpy as np
 
 __all__ = [
     "content_stamp",
+    "remove_stale_temps",
     "atomic_path",
     "atomic_dir",
     "write_bytes",
@@ -168,3 +169,24 @@ def content_stamp(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> s
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:24]
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files and folders that :func:`atomic_path` / :func:`atomic_dir` leave beside
+    their targets when the process is killed (``.<name>.<8 random chars>...``) directly in ``folder``.
+    Call it before writing into ``folder`` again; returns how many were removed."""
+    import re
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pat = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp|\.old|\..*)$")
+    n = 0
+    for p in folder.iterdir():
+        if pat.match(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
