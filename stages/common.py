@@ -78,6 +78,10 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}"
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it trains models
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup_mlflow(experiment: str | None = None) -> str:
     """Point MLflow at the project store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -92,11 +96,14 @@ def setup_mlflow(experiment: str | None = None) -> str:
             (ROOT / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
             artifact_location = (ROOT / "mlflow" / "artifacts").as_uri()
         try:
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except Exception:  # created meanwhile by a parallel writer
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is None:
                 raise
+    for k, v in EXPERIMENT_TAGS.items():  # experiments made before the tag existed
+        if exp.tags.get(k) != v:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
     mlflow.set_experiment(experiment_id=exp.experiment_id if exp else None)
     return exp.experiment_id
 

@@ -36,3 +36,19 @@ def test_a_killed_stage_run_is_closed_by_the_next(tmp_path, monkeypatch):
     assert runs[killed.info.run_id].info.status == "KILLED"
     assert "was gone" in runs[killed.info.run_id].data.tags["gatlas.closed_by"]
     assert sorted(r.info.status for r in runs.values()) == ["FINISHED", "KILLED"]
+
+
+def test_experiments_open_on_the_training_runs_page(tmp_path, monkeypatch):
+    import mlflow
+
+    from stages.common import setup_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    old = mlflow.create_experiment("made-before")  # an experiment made before the tag existed gets it too
+    for name in ("fresh", "made-before"):
+        exp_id = setup_mlflow(name)
+        assert mlflow.MlflowClient().get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp_id == old
