@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     items = manifest[["id", "path", "shard"]].to_dict("records")
     chunk = int(run.get("chunk_size", max(cfg.batch_objects, 8)))
     chunks = [(f"objects {i}-{min(i + chunk, len(items)) - 1}", (items[i:i + chunk], str(args.data), str(out), cfg),
-               {"device": device, "progress": False}) for i in range(0, len(items), chunk)]
+               {"device": device, "progress": False, "report": True}) for i in range(0, len(items), chunk)]
 
     with stage_run("fit", {**to_dict(cfg), **run, "device": device}):
         t0 = time.perf_counter()
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         table = pd.DataFrame(rows).sort_values("id").reset_index(drop=True)
         gio.write_parquet(out / "metrics.parquet", table)
         ok = table[table["status"] == "ok"]
+        now = table["fitted_now"].fillna(False).astype(bool) if "fitted_now" in table else pd.Series(False, index=table.index)
         metrics = {
             "n_objects": len(table), "n_ok": len(ok), "n_failed": int((table["status"] != "ok").sum()),
             "psnr_mean": float(ok["psnr"].mean()) if len(ok) else float("nan"),
@@ -90,11 +91,15 @@ def main(argv: list[str] | None = None) -> None:
             "ssim_mean": float(ok["ssim"].mean()) if len(ok) else float("nan"),
             "n_gaussians_mean": float(ok["n_gaussians"].mean()) if len(ok) else float("nan"),
             "n_gaussians_max": int(ok["n_gaussians"].max()) if len(ok) else 0,
+            # this run's wall time and what it fitted; a resumed run reuses finished objects, so its rate is over
+            # the objects fitted now, and the fitting time of every object (reused ones too) is summed apart
             "seconds": round(seconds, 2),
-            "objects_per_minute": round(60.0 * len(table) / max(seconds, 1e-9), 2),
+            "n_fitted_now": int(now.sum()),
+            "objects_per_minute": round(60.0 * int(now.sum()) / max(seconds, 1e-9), 2) if now.any() else None,
+            "fit_seconds_all_objects": round(float(ok["seconds"].sum()), 2) if len(ok) else 0.0,
         }
         gio.write_json(args.metrics, metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None and v == v})
         mlflow.log_artifact(str(out / "metrics.parquet"))
         reports = Path(args.reports)
         for pic in fit_pictures(table, Path(args.data), out, manifest, reports):

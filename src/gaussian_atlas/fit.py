@@ -600,7 +600,7 @@ def gaussian_stats(g: Gaussians) -> dict[str, float]:
 
 
 def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg: FitConfig,
-              device: str = "auto", progress: bool = False) -> list[dict[str, Any]]:
+              device: str = "auto", progress: bool = False, report: bool = False) -> list[dict[str, Any]]:
     """Fit a chunk of ingested objects together and write each one's PLY + metrics, atomically.
 
     items : ``{"id", "path", "shard"}`` rows of the ingest manifest (``path`` relative to ``data_root``).
@@ -624,7 +624,7 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
         obj_dir = Path(data_root) / it["path"]
         stamps[it["id"]] = input_stamp(obj_dir) if obj_dir.is_dir() else None
         if stamps[it["id"]] is not None and is_done(out_dir, it["shard"], it["id"], cfg, stamps[it["id"]]):
-            rows.append(json.loads(fit_outputs(out_dir, it["shard"], it["id"])[1].read_text()))
+            rows.append({**json.loads(fit_outputs(out_dir, it["shard"], it["id"])[1].read_text()), "fitted_now": False})
             continue
         try:
             o = load_object(Path(data_root) / it["path"])
@@ -650,7 +650,7 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
                 # one bad object must not sink its batch: fit the batch one by one
                 results = []
                 for it, fi in batch:
-                    rows.extend(fit_chunk([it], data_root, out_dir, replace_batch(cfg, 1), device, progress))
+                    rows.extend(fit_chunk([it], data_root, out_dir, replace_batch(cfg, 1), device, progress, report))
                 continue
             for (it, _), res in zip(batch, results):
                 ply, meta = fit_outputs(out_dir, it["shard"], it["id"])
@@ -663,7 +663,11 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
                 except ValueError as exc:  # e.g. non-finite parameters: recorded, judged by prune_check
                     row.update(status="failed", reason=f"cannot write PLY: {exc}")
                 gio.write_json(meta, row)
-                rows.append(row)
+                rows.append({**row, "fitted_now": True})  # (not saved: a later run reads it as reused)
+                if report:  # one line per object as it is written (the stage's progress; tqdm bars from
+                    # parallel chunks would interleave)
+                    print(f"fit: {it['id']} {row['status']}: {row.get('psnr', float('nan')):.1f} dB held out, "
+                          f"{row.get('n_gaussians', 0)} Gaussians, {row.get('seconds', 0.0):.0f} s", flush=True)
     return rows
 
 

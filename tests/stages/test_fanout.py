@@ -88,5 +88,6 @@ def test_changed_views_are_reingested_and_refit_a_touched_file_is_not(tmp_path):
     assert (__import__("numpy").asarray(Image.open(ing_img))[..., :3] == arr[..., :3]).all()  # not the stale view
     again = {r["id"]: r for r in fit_chunk(items, str(root / "ing"), str(out), CFG, device="cpu")}
     assert again[a]["input_stamp"] != first[a]["input_stamp"] and again[a]["seconds"] != first[a]["seconds"]
-    assert again[b] == first[b]  # reused as it was
+    assert first[a]["fitted_now"] and first[b]["fitted_now"] and again[a]["fitted_now"] and not again[b]["fitted_now"]
+    assert {**again[b], "fitted_now": True} == first[b]  # reused as it was
     shutil.rmtree(root)
