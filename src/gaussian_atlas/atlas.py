@@ -864,6 +864,7 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                 pass  # unreadable leftover: rebuild it
         todo.append((it, rel))
     bar = tqdm(total=len(todo), desc="atlas", unit="obj", disable=not progress)
+    grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=device) if todo else None  # once, for coherence
     for start in range(0, len(todo), max(1, batch)):
         good, gs, idx = [], [], []
         for it, rel in todo[start:start + max(1, batch)]:
@@ -892,7 +893,6 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                         results.append(((it, rel), a.numpy(), m))
                     except ValueError as exc:
                         quarantine.append({"id": str(it["id"]), "reason": str(exc)})
-            grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir)
             for (it, rel), a, m in results:
                 coh = neighbour_coherence(a, cfg, grid=grid)  # how much pixel neighbours are 3D neighbours
                 with gio.atomic_path(out_dir / rel, suffix=".npz") as tmp:
