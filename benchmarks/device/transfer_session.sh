@@ -7,7 +7,7 @@
 T0=$(date +%s); echo $T0 > /tmp/T0
 W=/tmp/w; mkdir -p $W
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks /tmp/tree/
+rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks stages params.yaml /tmp/tree/
 export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1
 [ -f .gpu/gsplat_cuda.so ] && cp .gpu/gsplat_cuda.so /tmp/gsplat_cuda.so && export GSPLAT_PREBUILT=/tmp/gsplat_cuda.so
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/gpu.txt 2>&1
@@ -17,7 +17,12 @@ A="${ARGS:-}"
 # gsplat's JIT build (unless prebuilt) beside the 3D data phase: its fit waits on the build's lock
 [ -z "$GSPLAT_PREBUILT" ] && setsid bash -c "MAX_JOBS=10 python3 -c 'from gsplat.cuda._backend import _C; print(_C)' > $W/build.log 2>&1; echo \$(( \$(date +%s) - $T0 )) > $W/built" < /dev/null > /dev/null 2>&1 &
 setsid bash -c "$R data --out $W $A > $W/data.log 2>&1; echo \$? > $W/data_rc; echo \$(( \$(date +%s) - $T0 )) > $W/data_t" < /dev/null > /dev/null 2>&1 &
-setsid bash -c "$R prior --out $W $A > $W/prior.log 2>&1; echo \$? > $W/prior_rc; echo \$(( \$(date +%s) - $T0 )) > $W/prior_t" < /dev/null > /dev/null 2>&1 &
+# the prior renders its 2D images beside the 3D data, then trains once the fits are written (the packed fit
+# ran 4x slower beside it)
+setsid bash -c "$R prior --out $W $A --wait-for $W/fits/metrics.parquet > $W/prior.log 2>&1; echo \$? > $W/prior_rc; echo \$(( \$(date +%s) - $T0 )) > $W/prior_t" < /dev/null > /dev/null 2>&1 &
+# the demo's starting model (benchmarks/train_demo_model.py) on the 3D atlases, beside the prior's training
+[ -n "${DEMO_STEPS:-}" ] && setsid bash -c "while [ ! -f $W/data_rc ]; do sleep 2; done;
+  python3 /tmp/tree/benchmarks/train_demo_model.py --out $W --steps $DEMO_STEPS > $W/demo.log 2>&1; echo \$? > $W/demo_rc; echo \$(( \$(date +%s) - $T0 )) > $W/demo_t" < /dev/null > /dev/null 2>&1 &
 # the arms: every arm x seed at once when the atlases and the prior exist (they share the GPU alike)
 setsid bash -c "while [ ! -f $W/data_rc ] || [ ! -f $W/prior_rc ]; do sleep 2; done; echo \$(( \$(date +%s) - $T0 )) > $W/arms_start;
   for s in ${SEEDS:-0 1}; do for a in repurposed scratch; do

@@ -943,6 +943,21 @@ class Evaluation:
     rows: list[dict[str, Any]]  # one per (sample, source)
     metrics: dict[str, Any]  # metrics/evaluate.json
     sample_of: list[tuple[int, int]] = field(default_factory=list)  # sample -> (prompt index, k)
+    palettes: list = field(default_factory=list)  # per sample, per part: {colour name: rgb [3]} (object_palettes)
+    fixed_key: str = ""  # what the model-independent parts depend on (see evaluate's ``reuse``)
+
+
+def _fixed_key(model: Any, specs: Sequence[PromptSpec], cfg: "EvaluateConfig",
+               ceiling: Mapping[int, Tensor]) -> str:
+    """A digest of everything the palettes, the ceiling and the floor of :func:`evaluate` depend on."""
+    import hashlib
+
+    h = hashlib.sha256(repr([vars(s) for s in specs]).encode())
+    h.update(repr({k: v for k, v in vars(cfg).items() if k != "sample"}).encode())
+    for t in (model.mean, model.std, model.grid, *[ceiling[i] for i in sorted(ceiling)]):
+        h.update(np.ascontiguousarray(torch.as_tensor(t).detach().cpu().numpy()).tobytes())
+    h.update(repr(sorted(ceiling)).encode())
+    return h.hexdigest()
 
 
 def ceiling_atlases(index: Any, atlas_dir: str | Path, specs: Sequence[PromptSpec],
@@ -973,7 +988,8 @@ def _view_seed(seed: int, i: int) -> int:
 
 
 def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = EvaluateConfig(),
-             ceiling: Mapping[int, Tensor] | None = None, progress: bool = False) -> Evaluation:
+             ceiling: Mapping[int, Tensor] | None = None, progress: bool = False,
+             reuse: Evaluation | None = None) -> Evaluation:
     """Generate ``cfg.samples_per_prompt`` objects per prompt and score them, the ceiling and the floor
     (see the module docstring).
 
@@ -986,6 +1002,11 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
     Sample ``j`` (prompt ``i = j // S``, its ``k``-th) is generated with seed ``sample.seed + j``;
     every source is scored on the same random views per sample (``cfg.n_views`` views, seeded by
     ``(cfg.seed, j)``). Accuracies come with 95 % bootstrap intervals over prompts x samples.
+
+    reuse : an earlier :class:`Evaluation` of the same prompts, config and ceiling with a model of
+        the same statistics and atlas grid (e.g. an earlier checkpoint of one training run): its
+        palettes and its ceiling and floor renders and scores, which do not depend on the network,
+        are taken over instead of recomputed (``ValueError`` if any of those inputs differ).
     """
     import time
 
@@ -1004,22 +1025,29 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
     atl, g_gen, seeds = generate(model, [s.prompt for s in flat], cfg.sample, progress=progress)
     t_sample = time.perf_counter() - t0
     decode = lambda a: atlas_to_gaussians(a.float(), None, model.atlas_cfg, grid=model.grid)  # noqa: E731
-    sources: dict[str, tuple[list[int], Any]] = {"generated": (list(range(B)), g_gen)}
     ceiling = {i: torch.as_tensor(np.asarray(a)) for i, a in dict(ceiling or {}).items()}
     ceiling = {i: (a[None] if a.dim() == 3 else a) for i, a in ceiling.items()}  # [K, 16, S, S]
-    if ceiling:
-        idx = [j for j, (i, _) in enumerate(sample_of) if i in ceiling]
-        cat = torch.stack([ceiling[sample_of[j][0]][sample_of[j][1] % len(ceiling[sample_of[j][0]])] for j in idx])
-        sources["ceiling"] = (idx, decode(cat.to(dev)))
-    sources["floor"] = (list(range(B)), decode(random_atlases(B, model.mean, model.std, cfg.seed).to(dev)))
+    key = _fixed_key(model, specs, cfg, ceiling)
+    if reuse is not None and reuse.fixed_key != key:
+        raise ValueError("evaluate(reuse=...): the earlier evaluation had other prompts, settings, ceiling "
+                         "atlases or model statistics; its ceiling/floor scores do not apply")
+    sources: dict[str, tuple[list[int], Any]] = {"generated": (list(range(B)), g_gen)}
+    if reuse is None:
+        if ceiling:
+            idx = [j for j, (i, _) in enumerate(sample_of) if i in ceiling]
+            cat = torch.stack([ceiling[sample_of[j][0]][sample_of[j][1] % len(ceiling[sample_of[j][0]])]
+                               for j in idx])
+            sources["ceiling"] = (idx, decode(cat.to(dev)))
+        sources["floor"] = (list(range(B)), decode(random_atlases(B, model.mean, model.std, cfg.seed).to(dev)))
 
     cams = [random_views(cfg.n_views, cfg.resolution, _view_seed(cfg.seed, j), cfg.elevation_min_deg,
                          cfg.elevation_max_deg, cfg.radius, cfg.fov_deg) for j in range(B)]
     c2w = torch.stack([c for c, _ in cams])  # [B, V, 4, 4]
     K = torch.stack([k for _, k in cams])  # [B, V, 3, 3]
     t1 = time.perf_counter()
-    palettes = [object_palettes([p for p, _ in s.parts], c2w[j], K[j], cfg.resolution) if s.parts else []
-                for j, s in enumerate(flat)]  # the prompted object as the renderer shows it, per part
+    palettes = reuse.palettes if reuse is not None else [
+        object_palettes([p for p, _ in s.parts], c2w[j], K[j], cfg.resolution) if s.parts else []
+        for j, s in enumerate(flat)]  # the prompted object as the renderer shows it, per part
     timing = {"sample": round(t_sample, 2), "palettes": round(time.perf_counter() - t1, 2)}
     clip = load_clip(cfg.clip_model, dev)
     vqa = load_vqa(cfg.vqa_model, cfg.vqa_name, dev)
@@ -1063,6 +1091,15 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
                 "clip_score": None if cs is None else round(float(cs[n]), 4),
                 "vqa_score": None if vs is None else round(float(vs[n]), 4),
             })
+    if reuse is not None:  # the ceiling and floor of the earlier evaluation, unchanged
+        for source in ("ceiling", "floor"):
+            if source in reuse.objects:
+                views[source], objects[source] = reuse.views[source], reuse.objects[source]
+                summaries[source] = reuse.metrics[source]
+                clip_means[source] = (reuse.metrics.get("clip_score") or {}).get(source)
+                vqa_means[source] = (reuse.metrics.get("vqa_score") or {}).get(source)
+                rows += [r for r in reuse.rows if r["source"] == source]
+        timing["reused"] = "palettes, ceiling, floor"
     kinds = [s.kind for s in specs]
     metrics: dict[str, Any] = {
         "n_prompts": len(specs), "samples_per_prompt": S, "n_samples": B,
@@ -1083,7 +1120,8 @@ def evaluate(model: Any, specs: Sequence[PromptSpec], cfg: EvaluateConfig = Eval
     }
     g_cpu = g_gen.to("cpu")
     return Evaluation(specs=list(specs), seeds=list(seeds), atlases=atl.detach().cpu(), gaussians=g_cpu,
-                      objects=objects, views=views, rows=rows, metrics=metrics, sample_of=sample_of)
+                      objects=objects, views=views, rows=rows, metrics=metrics, sample_of=sample_of,
+                      palettes=palettes, fixed_key=key)
 
 
 # --------------------------------------------------------------------------- gallery

@@ -307,6 +307,34 @@ def test_samples_per_prompt_seen_and_held_out_with_intervals(tiny_model_dir):
     assert [(r["index"], r["sample"]) for r in gen] == ev.sample_of
 
 
+def test_reuse_takes_over_ceiling_and_floor_of_an_earlier_checkpoint(tiny_model_dir):
+    """A later checkpoint's evaluation with ``reuse`` scores only the generated objects and reports the
+    same ceiling/floor as a full evaluation; another setup (prompts, ceiling) is refused."""
+    from gaussian_atlas.sample import load_atlas_model
+
+    m = load_atlas_model(tiny_model_dir)
+    specs = benchmark_prompts(["a red cube", "a blue sphere"], n_seen=2, n_held_out=0, n_compositions=0)
+    cfg = EvaluateConfig(n_views=2, resolution=16, rotations=2, shape_points=128, samples_per_prompt=2,
+                         n_bootstrap=100, sample=SampleConfig(steps=2, frames=2, resolution=16))
+    ceiling = {0: np.stack([m.mean.numpy()])}
+    full = evaluate(m, specs, cfg, ceiling)
+    with torch.no_grad():  # "a later checkpoint": other weights, same statistics and grid
+        for p in m.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    full2 = evaluate(m, specs, cfg, ceiling)
+    again = evaluate(m, specs, cfg, ceiling, reuse=full)
+    assert again.metrics["seconds"]["reused"] and "render_floor" not in again.metrics["seconds"]
+    for src in ("ceiling", "floor"):
+        assert again.metrics[src] == full2.metrics[src]
+        assert np.array_equal(again.views[src], full2.views[src])
+    assert again.metrics["generated"] == full2.metrics["generated"]
+    assert [r for r in again.rows if r["source"] != "generated"] == [r for r in full2.rows if r["source"] != "generated"]
+    with pytest.raises(ValueError, match="other prompts"):
+        evaluate(m, specs[:1], cfg, ceiling, reuse=full)
+    with pytest.raises(ValueError, match="ceiling"):
+        evaluate(m, specs, cfg, {0: np.stack([m.mean.numpy() + 1.0])}, reuse=full)
+
+
 def test_bootstrap_interval_resamples_prompts_then_samples():
     from gaussian_atlas.evaluate import bootstrap_ci
 
