@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import AtlasConfig, atlas_figure, sphere_to_grid, write_atlases
+    from gaussian_atlas.atlas import AtlasConfig, atlas_figure, atlas_grid, write_atlases
     from gaussian_atlas.config import from_dict, to_dict
 
     section = dict(load_params("atlas", args.params))
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with stage_run("atlas", {**to_dict(cfg), "batch_objects": batch, "device": device}):
         t0 = time.perf_counter()
-        sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=device)  # once per N, then cached
+        atlas_grid(cfg, device)  # once per N (or atlas.grid's file), then cached
         t_grid = time.perf_counter() - t0
         rows, quarantine = write_atlases(items, cfg, out, device=device, batch=batch)
         seconds = time.perf_counter() - t0

@@ -164,6 +164,10 @@ class AtlasConfig:
         frame (1.0: e times the object's radius); an object with a larger one is refused
         (quarantined by the stage), since one such Gaussian covers the object and would shift
         every pixel's statistics in ``normalize``.
+    grid : a plane index to use instead of solving one: an ``.npy`` permutation of N (a model
+        folder's ``sphere2grid.npy``). A model fine-tuned from a pretrained one must see atlases laid
+        out like the ones that model learned; solvers (and near-ties) can differ in a few % of pixels.
+        None: solved with ``method`` and cached.
     """
 
     side: int = 128
@@ -173,6 +177,7 @@ class AtlasConfig:
     cache_dir: str = "data/atlas_cache"
     layout: str = "ot"
     max_log_scale: float = 1.0
+    grid: str | None = None
 
     def __post_init__(self) -> None:
         if int(self.side) != self.side or self.side < 1:
@@ -298,15 +303,37 @@ def grid_points(side: int) -> np.ndarray:
     return np.stack([uu.reshape(-1), vv.reshape(-1)], axis=-1)  # [S², 2]
 
 
-def sphere_grid_cache_path(side: int, method: str, cache_dir: str | os.PathLike) -> Path:
-    """``cache_dir/sphere2grid_<hash>.npy``, the hash (sha256, 16 hex) of N, method and :data:`ATLAS_CODE_VERSION`."""
-    key = json.dumps({"n": int(side) ** 2, "method": str(method), "version": ATLAS_CODE_VERSION}, sort_keys=True)
+def sphere_grid_cache_path(side: int, method: str, cache_dir: str | os.PathLike,
+                           source: str | os.PathLike | None = None) -> Path:
+    """``cache_dir/sphere2grid_<hash>.npy``, the hash (sha256, 16 hex) of N, method and :data:`ATLAS_CODE_VERSION`
+    (with ``source``, a given plane index file: of its content instead of the method)."""
+    what: dict = {"n": int(side) ** 2, "method": str(method), "version": ATLAS_CODE_VERSION}
+    if source is not None:
+        what = {"n": int(side) ** 2, "source": hashlib.sha256(_read_source(source)).hexdigest()}
+    key = json.dumps(what, sort_keys=True)
     return Path(cache_dir) / f"sphere2grid_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+
+
+def _read_source(source: str | os.PathLike) -> bytes:
+    try:
+        return Path(source).read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"atlas.grid: cannot read the plane index {source}: {e.strerror or e}") from e
 
 
 def _grid_name(cfg: AtlasConfig) -> str:
     """File name of the plane index an atlas of ``cfg`` uses (recorded in ``meta["grid"]``)."""
-    return sphere_grid_cache_path(cfg.side, cfg.method, ".").name
+    return sphere_grid_cache_path(cfg.side, cfg.method, ".", cfg.grid).name
+
+
+def atlas_grid(cfg: AtlasConfig, device: str | torch.device = "cpu") -> Tensor:
+    """The plane index of ``cfg``: :func:`sphere_to_grid` with its side, method, cache and ``grid`` file."""
+    return sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=device, source=cfg.grid)
+
+
+def atlas_grid_path(cfg: AtlasConfig) -> Path:
+    """Where :func:`atlas_grid` caches the plane index of ``cfg`` (call :func:`atlas_grid` first)."""
+    return sphere_grid_cache_path(cfg.side, cfg.method, cfg.cache_dir, cfg.grid)
 
 
 def _is_perm(a: np.ndarray, n: int) -> bool:
@@ -314,7 +341,7 @@ def _is_perm(a: np.ndarray, n: int) -> bool:
 
 
 def sphere_to_grid(side: int, method: str = "auto", cache_dir: str | os.PathLike | None = "data/atlas_cache",
-                   *, device: str | torch.device = "cpu") -> Tensor:
+                   *, device: str | torch.device = "cpu", source: str | os.PathLike | None = None) -> Tensor:
     """Grid cell of each Fibonacci-sphere point (plane offsetting), computed once and cached.
 
     Assigns the equirectangular projections (:func:`equirectangular`) of
@@ -333,6 +360,9 @@ def sphere_to_grid(side: int, method: str = "auto", cache_dir: str | os.PathLike
     device : str or torch.device
         Where the assignment runs when it is not cached (``"cuda"`` makes the auction at
         N = 16,384 fast; the result is cached, so later runs on any machine reuse it).
+    source : path or None
+        A given plane index (``.npy``, a permutation of N) used instead of solving one
+        (``atlas.grid``); ``ValueError`` naming the file if it is not one. Cached like a solved one.
 
     Returns
     -------
@@ -340,7 +370,22 @@ def sphere_to_grid(side: int, method: str = "auto", cache_dir: str | os.PathLike
         ``grid[j]`` = row-major pixel index (``row * S + col``) of sphere point j; a permutation.
     """
     n = int(side) ** 2
-    path = sphere_grid_cache_path(side, method, cache_dir) if cache_dir is not None else None
+    path = sphere_grid_cache_path(side, method, cache_dir, source) if cache_dir is not None else None
+    if source is not None:
+        import io
+
+        try:
+            given = np.load(io.BytesIO(_read_source(source)), allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"atlas.grid: {source} is not a .npy array ({e})") from e
+        if not _is_perm(given, n):
+            raise ValueError(f"atlas.grid: {source} is not a plane index of a {side}x{side} atlas (a permutation "
+                             f"of {n} integers); shape {given.shape}, dtype {given.dtype}")
+        perm = given.astype(np.int64)
+        if path is not None and not path.exists():
+            with atomic_path(path) as tmp:
+                np.save(tmp, perm, allow_pickle=False)
+        return torch.from_numpy(perm)
     if path is not None and path.exists():
         try:
             cached = np.load(path, allow_pickle=False)
@@ -474,7 +519,7 @@ def gaussians_to_atlas(
     dev = gn.device
     sphere = torch.from_numpy(fibonacci_sphere(n)).to(dev)  # [N, 3] float64
     if grid is None:
-        grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=dev)
+        grid = atlas_grid(cfg, dev)
     perm = idx.to(dev) if idx is not None else layout_perm(gn.means, sphere, grid.to(dev), cfg.layout, cfg.method)
     meta["grid"] = _grid_name(cfg)
     return _pack(gn, sphere, perm, grid, cfg.side), meta
@@ -534,7 +579,7 @@ def build_atlases(
     sphere = torch.from_numpy(fibonacci_sphere(n)).to(dev)  # [N, 3]
     todo = [b for b in range(len(gs)) if b not in fixed]
     perm = torch.empty(len(gs), n, dtype=torch.long, device=dev)  # [B, N]
-    grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=dev)  # once per N, on this device
+    grid = atlas_grid(cfg, dev)  # once per N, on this device
     if todo:
         sel = torch.as_tensor(todo, device=dev)
         perm[sel] = layout_perm(gb.means[sel], sphere, grid.to(dev), cfg.layout, cfg.method)
@@ -608,7 +653,7 @@ def atlas_to_gaussians(
             if built and built != {_grid_name(cfg)}:
                 raise ValueError(f"the atlas was built with plane index {sorted(built)}, but cfg (side "
                                  f"{side}, method {cfg.method!r}) gives {_grid_name(cfg)}: decode with the same cfg")
-        grid = sphere_to_grid(side, cfg.method, cfg.cache_dir)
+        grid = atlas_grid(cfg)
     sphere = torch.from_numpy(fibonacci_sphere(n)).to(a.device)  # [N, 3]
     sphere_at_pixel = torch.empty_like(sphere)
     sphere_at_pixel[grid.to(a.device)] = sphere  # [N(pixels), 3]
@@ -864,7 +909,7 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                 pass  # unreadable leftover: rebuild it
         todo.append((it, rel))
     bar = tqdm(total=len(todo), desc="atlas", unit="obj", disable=not progress)
-    grid = sphere_to_grid(cfg.side, cfg.method, cfg.cache_dir, device=device) if todo else None  # once, for coherence
+    grid = atlas_grid(cfg, device) if todo else None  # once, for coherence
     for start in range(0, len(todo), max(1, batch)):
         good, gs, idx = [], [], []
         for it, rel in todo[start:start + max(1, batch)]:

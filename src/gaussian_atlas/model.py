@@ -177,10 +177,13 @@ def load_model(cfg: ModelConfig, captions: Iterable[str] = ()) -> tuple[Any, Any
     if cfg.pretrained:
         from transformers import AutoTokenizer, CLIPTextModel
 
+        # float32 master weights whatever the files hold (the shipped demo model is fp16; mixed precision is accelerate's)
         kw = {"local_files_only": cfg.local_files_only}
         try:
-            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", **kw)
-            text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder", **kw)
+            unet = UNet2DConditionModel.from_pretrained(cfg.pretrained, subfolder="unet", torch_dtype=torch.float32,
+                                                        **kw)
+            text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained, subfolder="text_encoder", dtype=torch.float32,
+                                                         **kw)
             tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained, subfolder="tokenizer", **kw)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load the pretrained model {cfg.pretrained!r} (unet/, text_encoder/, "

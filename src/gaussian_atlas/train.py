@@ -101,7 +101,7 @@ def load_train_data(atlas_dir: str | Path, stats_path: str | Path, ingested_dir:
     """
     import pandas as pd
 
-    from .atlas import sphere_to_grid, training_rows
+    from .atlas import atlas_grid, training_rows
     from .data import load_manifest, load_object
     from .normalize import RunningStats, normalize
 
@@ -133,7 +133,7 @@ def load_train_data(atlas_dir: str | Path, stats_path: str | Path, ingested_dir:
         scales=torch.tensor(index["scale"].values, dtype=torch.float32),
         ref_rgb=torch.stack(rgbs), ref_alpha=torch.stack(alphas), ref_c2w=torch.stack(c2ws), ref_K=torch.stack(Ks),
         mean=torch.from_numpy(stats.mean.astype(np.float32)), std=torch.from_numpy(stats.std.astype(np.float32)),
-        grid=sphere_to_grid(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
+        grid=atlas_grid(atlas_cfg),
     )
 
 
@@ -141,14 +141,14 @@ def package_model(model_dir: str | Path, stats_path: str | Path, atlas_cfg: Any)
     """Make a saved model folder self-contained for sampling: the normalisation statistics
     (``stats.npz``), the sphere->grid index (``sphere2grid.npy``) and the atlas settings
     (``atlas.json``) travel with the weights (:func:`gaussian_atlas.sample.load_atlas_model`)."""
-    from .atlas import sphere_grid_cache_path
+    from .atlas import atlas_grid, atlas_grid_path
     from .config import to_dict
     from .io import write_json
 
     model_dir = Path(model_dir)
     shutil.copy2(stats_path, model_dir / "stats.npz")
-    shutil.copy2(sphere_grid_cache_path(atlas_cfg.side, atlas_cfg.method, atlas_cfg.cache_dir),
-                 model_dir / "sphere2grid.npy")
+    atlas_grid(atlas_cfg)  # cached (solved or taken from atlas.grid) if it was not yet
+    shutil.copy2(atlas_grid_path(atlas_cfg), model_dir / "sphere2grid.npy")
     write_json(model_dir / "atlas.json", to_dict(atlas_cfg))
     return model_dir
 

@@ -28,8 +28,8 @@ TINY = {
             "measure_views": 2, "holdout_every": 4,
             "densify": {"refine_start_iter": 10, "refine_every": 10, "refine_stop_iter": 25}},
     "prune_check": {"psnr_floor": 5.0},
-    "atlas": {"side": 16, "method": "scipy"},
-    "train": {"model": {"max_length": 16}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
+    "atlas": {"side": 16, "method": "scipy", "grid": None},  # the shipped demo model is 64x64: from config here
+    "train": {"model": {"max_length": 16, "pretrained": None}, "steps": 3, "batch_size": 2, "checkpoint_every": 2,
               "render_resolution": 16, "sample_every": 2, "sample_steps": 2, "sample_views": 2,
               "sample_resolution": 16},
     "pretrain2d": {"data": {"n_objects": 4, "views": 2, "supersample": 1, "workers": 1}, "steps": 2, "batch_size": 2,
