@@ -138,6 +138,27 @@ def test_shape_scoring_picks_the_primitive_under_the_gaussians(shape):
     assert pred == shape, sorted(d.items(), key=lambda kv: kv[1])[:3]
 
 
+def test_batched_classification_equals_the_per_pair_chamfer():
+    """classify_shapes (objects x primitives x turns in one batch, sets of different sizes padded) gives the
+    distances of chamfer() on each pair, open-bottom candidates included; too few points -> no prediction."""
+    from gaussian_atlas.evaluate import candidate_clouds, chamfer, classify_shapes, normalise_points
+
+    gen = torch.Generator().manual_seed(0)
+    sets = [surface_points(_object([(shape, "red")], seed=i), 300 + 70 * i, seed=i) for i, shape in
+            enumerate(["torus", "cube", "cone", "capsule"])]
+    sets += [torch.randn(90, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), None]
+    open_bottom = [False, True, False, True, False, False, True]
+    out = classify_shapes(sets, open_bottom, rotations=8, n=256, max_elements=2**22)  # several batches
+    for pts, ob, (name, d) in zip(sets, open_bottom, out):
+        if pts is None or len(pts) < 16:
+            assert name is None and all(np.isnan(v) for v in d.values())
+            continue
+        ref = {k: chamfer(normalise_points(pts), c, 8) for k, c in candidate_clouds(256, 0, ob).items()}
+        assert d.keys() == ref.keys()
+        assert all(abs(d[k] - ref[k]) < 1e-5 for k in ref), (d, ref)
+        assert name == min(ref, key=ref.get)
+
+
 def test_composition_scores_each_part():
     parts = [("cone", "yellow"), ("cube", "blue")]
     g = Gaussians.stack([_object(parts, seed=5)])
