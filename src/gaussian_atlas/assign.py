@@ -282,7 +282,12 @@ def assign(
         if batch == 0:
             perm_np = solve(xn, yn)
         else:
-            perm_np = np.stack([solve(xn[b], yn if yn.ndim == 2 else yn[b]) for b in range(batch)])
+            # the exact solvers release the GIL: items of a batch are solved on every core at once
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max(1, min(batch, os.cpu_count() or 1))) as pool:
+                perm_np = np.stack(list(pool.map(lambda b: solve(xn[b], yn if yn.ndim == 2 else yn[b]), range(batch))))
         out: Any = torch.from_numpy(perm_np).to(device) if is_torch else perm_np
         return (out, None) if return_info else out
 
