@@ -108,6 +108,47 @@ def export(src: Path, dst: Path) -> None:
     print(f"exported {src} -> {dst}")
 
 
+def log_mlflow(model: Path, experiment: str = "demo-prior") -> str:
+    """One MLflow run for a shipped model folder: its training config as params, ``history.jsonl`` as metrics
+    per step, the summary, and the model card + run record as artifacts. A folder already logged is refused."""
+    import mlflow
+
+    from stages.common import git_commit, setup_mlflow
+
+    run = json.loads((model / "run.json").read_text())
+    exp_id = setup_mlflow(experiment)
+    source = f"{model.resolve()}@{hashlib_file(model / 'run.json')}"
+    client = mlflow.MlflowClient()
+    if client.search_runs([exp_id], filter_string=f"tags.`gatlas.source` = '{source}'", max_results=1):
+        raise SystemExit(f"{model} is already logged in experiment {experiment!r}")
+    flat = {}
+    for k, v in run["train_config"].items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    with mlflow.start_run(experiment_id=exp_id, run_name=model.name,
+                          tags={"gatlas.source": source, "gatlas.device": run.get("device", ""),
+                                "mlflow.source.git.commit": git_commit(), "gatlas.command": " ".join(run["argv"])}) as r:
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()} | {"n_atlases": run["n_atlases"]})
+        for line in (model / "history.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            step = int(row.pop("step"))
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in run["summary"].items() if isinstance(v, (int, float))})
+        for f in ("README.md", "run.json", "train.log"):
+            if (model / f).exists():
+                mlflow.log_artifact(str(model / f))
+        print(f"logged {model} as run {r.info.run_id} in experiment {experiment!r}")
+        return r.info.run_id
+
+
+def hashlib_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="the transfer run's working folder (reads atlas/, stats.npz, procedural/)")
@@ -119,8 +160,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="safety stop (0 = none)")
     ap.add_argument("--export", nargs=2, metavar=("MODEL", "DEST"), help="export a trained model folder instead")
+    ap.add_argument("--log-mlflow", type=Path, metavar="MODEL", help="log a shipped model folder's record to MLflow")
     args = ap.parse_args()
-    if args.export:
+    if args.log_mlflow:
+        log_mlflow(args.log_mlflow)
+    elif args.export:
         export(Path(args.export[0]), Path(args.export[1]))
     elif not args.out:
         ap.error("--out is needed to train")

@@ -12,6 +12,11 @@ the text encoder on them, and writes the model as a diffusers folder (``<out>/mo
 is the paper's *repurposed* arm, ``train.model.pretrained: null`` the *from scratch* one.
 Also ``metrics/pretrain2d.json`` and a sheet of the prior's samples (``reports/pretrain2d/samples.png``);
 MLflow: params, per-step losses, the sheet.
+
+``pretrain2d.enabled: false`` (the CPU demo, which fine-tunes the shipped ``models/demo-prior``) renders and
+trains nothing: the outputs hold a ``SKIPPED.md`` saying so, ``metrics/pretrain2d.json`` the reason, and a
+``train`` pointed at ``models/prior2d/model`` fails naming the missing folder. Turn it on for the
+transfer experiment: ``dvc exp run -S pretrain2d.enabled=true -S train.model.pretrained=models/prior2d/model``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def prior_train_config(params: dict):
     from gaussian_atlas.config import from_dict
     from gaussian_atlas.train import TrainConfig
 
-    own = {k: v for k, v in (params.get("pretrain2d") or {}).items() if k != "data"}
+    own = {k: v for k, v in (params.get("pretrain2d") or {}).items() if k not in ("data", "enabled")}
     section = {**(params.get("train") or {}), **own}
     model = {**(section.get("model") or {}), "pretrained": None, "channels": 4,
              "sample_size": int(params["atlas"]["side"])}
@@ -62,6 +67,15 @@ def main(argv: list[str] | None = None) -> None:
                          "3D training objects themselves; choose another seed")
     cfg = prior_train_config(params)
     side = int(params["atlas"]["side"])
+    if not (params.get("pretrain2d") or {}).get("enabled", False):
+        reason = ("pretrain2d.enabled is false: no 2D prior was trained (the demo fine-tunes models/demo-prior); set "
+                  "it to true to train one, e.g. for the transfer experiment (docs/paper_claims.md)")
+        for d in (args.images, args.out, args.reports):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            (Path(d) / "SKIPPED.md").write_text(reason + "\n")
+        gio.write_json(args.metrics, {"skipped": reason})
+        print(f"pretrain2d: skipped ({reason})")
+        return
     with stage_run("pretrain2d", {**to_dict(cfg), "data": to_dict(data_cfg)}):
         t0 = time.perf_counter()
         rendered = render_prior_images(data_cfg, side, args.images, progress=True)

@@ -92,3 +92,27 @@ def test_every_arm_is_a_run_with_losses_and_checkpoint_scores(tmp_path, monkeypa
     assert "scores" in {a.path for a in client.list_artifacts(rep.info.run_id)}
     with pytest.raises(SystemExit, match="already logged"):
         mod.main([str(root), "--experiment", "t-claim"])
+
+
+def test_shipped_demo_model_record_logs_as_one_run(tmp_path, monkeypatch):
+    """benchmarks/train_demo_model.py --log-mlflow: the shipped model's training config, per-step loss and
+    model card become one MLflow run; a second logging of the same record is refused."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GATLAS_MLFLOW_PARENT_RUN_ID", raising=False)
+    mod = _load("train_demo_model")
+    model = ROOT / "models" / "demo-prior"
+    run_id = mod.log_mlflow(model, experiment="t-demo")
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    record = json.loads((model / "run.json").read_text())
+    assert run.data.params["model.size"] == record["train_config"]["model"]["size"]
+    assert int(run.data.params["steps"]) == record["summary"]["step"]
+    hist = client.get_metric_history(run_id, "loss_v")
+    assert len(hist) == len((model / "history.jsonl").read_text().splitlines()) and hist[-1].step == 4000
+    assert {"README.md", "run.json"} <= {a.path for a in client.list_artifacts(run_id)}
+    with pytest.raises(SystemExit, match="already logged"):
+        mod.log_mlflow(model, experiment="t-demo")

@@ -3,6 +3,8 @@ a diffusers folder that `train.model.pretrained` loads and widens to 16 channels
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -58,3 +60,25 @@ def test_pretrain2d_writes_a_folder_train_loads_and_widens(tmp_path):
     assert torch.allclose(v16, v4.repeat(1, 4, 1, 1), atol=1e-4)  # four copies of an image: the 2D response
     # the prior's tokenizer is the one trained with it: every word of its captions is known
     assert all(tok.unk_token_id not in ids for ids in tok(captions).input_ids)
+
+
+def test_disabled_stage_renders_and_trains_nothing_and_says_why(tmp_path):
+    """pretrain2d.enabled: false (the CPU demo): every output folder holds SKIPPED.md with the reason, the metrics
+    file the same reason, and nothing is rendered or trained."""
+    import json
+
+    import yaml
+
+    from stages import pretrain2d as stage
+
+    root = Path(__file__).resolve().parents[2]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain2d"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = {k: tmp_path / k for k in ("images", "out", "reports")}
+    stage.main(["--params", str(tmp_path / "params.yaml"), "--images", str(out["images"]), "--out", str(out["out"]),
+                "--reports", str(out["reports"]), "--metrics", str(tmp_path / "m.json")])
+    for d in out.values():
+        assert [f.name for f in d.iterdir()] == ["SKIPPED.md"]
+        assert "pretrain2d.enabled is false" in (d / "SKIPPED.md").read_text()
+    assert "pretrain2d.enabled is false" in json.loads((tmp_path / "m.json").read_text())["skipped"]
