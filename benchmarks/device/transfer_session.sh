@@ -1,7 +1,7 @@
 #!/bin/bash
 # The 2D-prior transfer run of issue #13 (docs/paper_claims.md) on a leased GPU machine, as setsid daemons
 # under /tmp, so that later calls only poll (benchmarks/device/transfer_poll.sh UNTIL).
-# Expects, in the repo root on the GPU machine: .whl/ (diffusers, gsplat, plyfile, trimesh, embreex, POT, ...;
+# Expects, in the repo root on the GPU machine: .whl/ (diffusers, gsplat, plyfile, trimesh, embreex, rtree, ...;
 # docs/operations.md); optional .gpu/gsplat_cuda.so (a saved gsplat build: skips the ~90 s JIT build).
 #   ARGS="--steps 1200" bash benchmarks/device/transfer_session.sh && bash benchmarks/device/transfer_poll.sh 500
 T0=$(date +%s); echo $T0 > /tmp/T0
