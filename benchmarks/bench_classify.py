@@ -13,9 +13,6 @@ raw timings (device, versions, commit, command) as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _record import write_record  # noqa: E402
 
 
 def main() -> None:
@@ -69,19 +68,11 @@ def main() -> None:
     err = max(abs(d[k] - r[k]) for (_, d), r in zip(new, ref) for k in r)
     res = {"what": "shape classification of the evaluate stage: batched classify_shapes vs per-pair chamfer",
            "objects": args.objects, "points": args.points, "rotations": args.rotations, "device": args.device,
-           "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
-           or platform.machine(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version(),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip(),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]),
            "baseline_per_pair_s": t_ref, "baseline_runs_s": ts_ref, "batched_s": t_new, "batched_runs_s": ts_new,
            "speedup": t_ref / t_new, "max_abs_distance_difference": err}
     print(f"{args.objects} objects x 9 primitives x {args.rotations} turns on {args.device}: per-pair chamfer "
           f"{t_ref:.2f} s, batched {t_new:.2f} s -> {t_ref / t_new:.1f}x (max |distance difference| {err:.1e})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    write_record(args.json, res)
 
 
 if __name__ == "__main__":

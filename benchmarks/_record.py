@@ -1,0 +1,33 @@
+"""What every benchmark's raw JSON records besides its timings: machine, versions, commit, command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_facts() -> dict:
+    """Machine, CPU count, Python/numpy/torch versions, git commit and the command line of this process."""
+    import numpy as np
+
+    facts = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+             "python": platform.python_version(), "numpy": np.__version__,
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=Path(__file__).parent).stdout.strip(),
+             "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        facts |= {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return facts
+
+
+def write_record(path: Path | None, result: dict) -> None:
+    """``result`` with :func:`run_facts` as JSON at ``path`` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**result, **run_facts()}, indent=2))
