@@ -42,7 +42,7 @@ from _prebuilt import use_prebuilt_gsplat  # noqa: E402
 
 use_prebuilt_gsplat()
 
-from gaussian_atlas.anchors import AnchorConfig  # noqa: E402
+from gaussian_atlas.fit import AnchorConfig  # noqa: E402
 from gaussian_atlas.data import load_object  # noqa: E402
 from gaussian_atlas.fit import DensifyConfig, FitConfig, FitInput, fit_objects  # noqa: E402
 

@@ -99,6 +99,7 @@ from .io import atomic_path
 
 __all__ = [
     "ATLAS_CODE_VERSION",
+    "CODE_VERSION",
     "ATLAS_CHANNELS",
     "CHANNEL_NAMES",
     "OPACITY_CHANNELS",
@@ -123,6 +124,11 @@ __all__ = [
 
 ATLAS_CODE_VERSION = "1"
 """Bump when the sphere lattice, the projection or the grid layout changes: it is part of the cache key."""
+
+CODE_VERSION = 1
+"""The atlas stage's code version, in every atlas's reuse key (:func:`atlas_stamp`, with :data:`ATLAS_CODE_VERSION`):
+bump when a change of the atlas code (sphere assignment, layouts, packing of Gaussians into pixels) changes the
+atlases it writes. An edit that does not (a docstring, a refactor) keeps finished atlases."""
 
 ATLAS_CHANNELS = 16
 CHANNEL_NAMES: tuple[str, ...] = (
@@ -790,18 +796,14 @@ def neighbour_coherence(atlas: Tensor | np.ndarray, cfg: AtlasConfig = AtlasConf
 
 
 def atlas_stamp(cfg: AtlasConfig) -> str:
-    """Hash of the atlas settings and code: a finished atlas is reused only when both match."""
+    """Hash of the atlas settings and the atlas code's explicit versions (:data:`CODE_VERSION`,
+    :data:`ATLAS_CODE_VERSION`): a finished atlas is reused only when both match (and its input, :func:`input_stamp`)."""
     import dataclasses
     import hashlib
     import json
-    import sys
 
-    from . import assign as assign_mod
-
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
-    for mod in (sys.modules[__name__], assign_mod):
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
+    return hashlib.sha256(json.dumps({**dataclasses.asdict(cfg), "code_version": [CODE_VERSION, ATLAS_CODE_VERSION]},
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def input_stamp(cfg_stamp: str, src: str | os.PathLike, use_gs2sphere: bool = False) -> str:

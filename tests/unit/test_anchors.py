@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from gaussian_atlas.anchors import (AnchorConfig, AnchorMLPs, AnchorModel, AnchorStrategy, grow_anchors,
+from gaussian_atlas.fit.anchors import (AnchorConfig, AnchorMLPs, AnchorModel, AnchorStrategy, grow_anchors,
                                    rank_average_bound)
 from gaussian_atlas.cameras import look_at_c2w
 from gaussian_atlas.fit import FitConfig, config_hash, fit_objects
@@ -335,7 +335,7 @@ def test_anchor_fits_write_the_plain_outputs_and_resume(ingested, tmp_path):
 
 
 def test_a_failing_anchor_fit_is_quarantined_alone(ingested, tmp_path, monkeypatch):
-    from gaussian_atlas import anchors
+    from gaussian_atlas.fit import anchors
     from gaussian_atlas.data import load_manifest
     from gaussian_atlas.fit import fit_chunk
 

@@ -54,3 +54,32 @@ def test_objects_of_different_sizes_are_refused(objects):
     small = replace(objects[1], rgb=objects[1].rgb[:, :16, :16], alpha=objects[1].alpha[:, :16, :16])
     with pytest.raises(ValueError, match="share one image size"):
         fit_objects([objects[0], small], replace(CFG, steps=1))
+
+
+def test_fit_reuse_key_is_settings_and_code_version_not_source_text(monkeypatch):
+    """A docstring edit must not refit every object; a CODE_VERSION bump must."""
+    import pathlib
+
+    from gaussian_atlas.fit import config_hash, store
+
+    cfg = FitConfig(steps=10, tau=64)
+    before = config_hash(cfg)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: pytest.fail(f"config_hash read {self}"))
+    assert config_hash(cfg) == before
+    assert config_hash(replace(cfg, steps=11)) != before
+    monkeypatch.setattr(store, "CODE_VERSION", store.CODE_VERSION + 1)
+    assert config_hash(cfg) != before
+
+
+def test_atlas_reuse_key_is_settings_and_code_version_not_source_text(monkeypatch):
+    import pathlib
+
+    from gaussian_atlas import atlas
+    from gaussian_atlas.atlas import AtlasConfig, atlas_stamp
+
+    before = atlas_stamp(AtlasConfig())
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: pytest.fail(f"atlas_stamp read {self}"))
+    assert atlas_stamp(AtlasConfig()) == before
+    assert atlas_stamp(AtlasConfig(layout="random")) != before
+    monkeypatch.setattr(atlas, "CODE_VERSION", atlas.CODE_VERSION + 1)
+    assert atlas_stamp(AtlasConfig()) != before

@@ -39,72 +39,31 @@ After fitting, :meth:`AnchorModel.bake` evaluates the MLPs once and writes plain
 parameters (the same :class:`~gaussian_atlas.gaussians.Gaussians`, hence the same INRIA
 PLY as the plain fitter); they render the same images as the anchor model.
 
-Everything else (view sampling, loss, packing of several objects, held-out metrics,
-resume and quarantine in :func:`gaussian_atlas.fit.fit_chunk`) is the plain fitter's.
+Everything else (view sampling, loss, packing of several objects, held-out metrics) is
+the fitting loop's (:func:`gaussian_atlas.fit.fit_objects`); resume and quarantine are
+:func:`gaussian_atlas.fit.fit_chunk`'s. :class:`AnchorFit` plugs the model and
+:class:`AnchorStrategy` (gsplat's strategy hooks) into that loop.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussians import Gaussians, rgb_to_sh0
-from .prune import blending_weights, rank_within_groups
-from .render import ALPHA_THRESHOLD, render
+from ..gaussians import Gaussians, rgb_to_sh0
+from ..prune import blending_weights, rank_within_groups
+from ..render import ALPHA_THRESHOLD, render
+from .config import AnchorConfig, FitConfig, FitInput, FitResult
+from .views import PackedViews, initial_points, mean_knn_distance
 
-if TYPE_CHECKING:  # fit.py imports this module for AnchorConfig: no runtime import back
-    from .fit import FitConfig, FitInput, FitResult
-
-__all__ = ["AnchorConfig", "AnchorMLPs", "AnchorModel", "AnchorStrategy", "fit_anchors", "grow_anchors", "init_anchors",
+__all__ = ["AnchorConfig", "AnchorFit", "AnchorMLPs", "AnchorModel", "AnchorStrategy", "grow_anchors", "init_anchors",
            "rank_average_bound", "voxelize"]
-
-
-@dataclass(frozen=True)
-class AnchorConfig:
-    """``params.yaml: fit.anchors``: the anchor fitter (used when ``fit.method: anchors``).
-
-    n_offsets : k neural Gaussians per anchor (Scaffold-GS: 10).
-    feat_dim : anchor feature size = MLP width (Scaffold-GS: 32).
-    voxel_size : anchor grid side in world units (objects lie in the unit ball).
-    lr_* : Adam learning rates; offsets and MLPs decay exponentially to ``*_final``.
-    grow_grad2d : mean screen-space gradient above which a neural Gaussian proposes a new anchor.
-    grow_levels : grid levels tried when growing (side voxel_size / 2^i, threshold grow_grad2d · 2^i).
-    max_grow_fraction : at most this fraction of the current anchors is added per growing step.
-    prune_opa : anchors whose neural Gaussians' summed opacity averages below this are removed.
-    refine_start_iter, refine_stop_iter, refine_every : growing / pruning / bound at the steps
-        ``refine_start_iter < step < refine_stop_iter`` with ``step % refine_every == 0``
-        (gsplat DefaultStrategy's schedule, as ``fit.densify``).
-    """
-
-    n_offsets: int = 10
-    feat_dim: int = 32
-    voxel_size: float = 0.04
-    lr_features: float = 0.0075
-    lr_scaling: float = 0.007
-    lr_offsets: float = 0.01
-    lr_offsets_final: float = 0.0001
-    lr_mlp: float = 0.004
-    lr_mlp_final: float = 0.00004
-    grow_grad2d: float = 0.0002
-    grow_levels: int = 2
-    max_grow_fraction: float = 0.25
-    prune_opa: float = 0.005
-    refine_start_iter: int = 50
-    refine_stop_iter: int = 1500
-    refine_every: int = 100
-
-    def __post_init__(self) -> None:
-        if self.n_offsets < 1 or self.feat_dim < 1 or self.voxel_size <= 0 or self.grow_levels < 0:
-            raise ValueError("fit.anchors: n_offsets, feat_dim >= 1, voxel_size > 0, grow_levels >= 0")
-        if self.refine_every < 1:
-            raise ValueError("fit.anchors: refine_every must be >= 1")
 
 
 # --------------------------------------------------------------------------- the model
@@ -266,17 +225,12 @@ def voxelize(points: Tensor, size: float) -> Tensor:
     return torch.round(points / size).long()
 
 
-def init_anchors(obj: "FitInput", n_points: int, voxel_size: float, max_anchors: int,
+def init_anchors(obj: FitInput, n_points: int, voxel_size: float, max_anchors: int,
                  rng: np.random.Generator) -> Tensor:
     """Initial anchor positions ``[A, 3]``: ``n_points`` mesh surface samples (else random points in
     the unit ball), snapped to the voxel grid, one anchor per occupied voxel, at most
     ``max_anchors`` (a random subset when more)."""
-    if obj.surface_points is not None and len(obj.surface_points):
-        idx = rng.choice(len(obj.surface_points), size=n_points, replace=len(obj.surface_points) < n_points)
-        pts = obj.surface_points[idx].astype(np.float32)
-    else:
-        d = rng.normal(size=(n_points, 3))
-        pts = (d / np.linalg.norm(d, axis=1, keepdims=True) * rng.random((n_points, 1)) ** (1 / 3)).astype(np.float32)
+    pts, _ = initial_points(obj, n_points, rng)
     vox = torch.unique(voxelize(torch.from_numpy(pts), voxel_size), dim=0)  # [A, 3] sorted
     if len(vox) > max_anchors:
         vox = vox[torch.from_numpy(np.sort(rng.choice(len(vox), size=max_anchors, replace=False)))]
@@ -502,7 +456,7 @@ class AnchorStrategy:
         return n
 
 
-# --------------------------------------------------------------------------- fitting
+# --------------------------------------------------------------------------- the representation of the fitting loop
 
 
 def _remove_rows(params: nn.ParameterDict, optimizers: dict[str, torch.optim.Optimizer], state: dict[str, Any],
@@ -539,142 +493,116 @@ def _append_rows(params: nn.ParameterDict, optimizers: dict[str, torch.optim.Opt
             opt.state[p] = st
 
 
-def fit_anchors(objects: Sequence["FitInput"], cfg: "FitConfig", device: str | torch.device = "cpu",
-                progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
-                ) -> list["FitResult"]:
-    """Fit anchor models to ``objects`` (packed like the plain fitter) and bake them: ``fit.method: anchors``.
+class AnchorFit:
+    """Anchors of every packed object, for :func:`~gaussian_atlas.fit.fit_objects` (``fit.method: anchors``).
 
-    Same contract as :func:`gaussian_atlas.fit.fit_objects`: one
-    :class:`~gaussian_atlas.fit.FitResult` per object with ``n_gaussians ≤ cfg.tau`` baked
-    Gaussians (with visibility over every training view) and held-out ``psnr`` /
-    ``ssim`` of those baked Gaussians; ``FitResult.model`` holds the object's
-    :class:`AnchorModel`. Reads ``cfg.anchors`` and the shared keys (steps, tau,
-    init_points, views_per_step, measure_views, holdout_every, λ's, resolution,
-    spacing, seed, max_seconds). ``on_step`` also gets ``n_live`` (live slots) and ``n_anchors``.
+    ``params``: ``anchors [A, 3]`` (fixed), ``features [A, F]``, log ``scaling [A, 6]``,
+    ``offsets [A, k, 3]``, one Adam each, plus one Adam over the per-object MLPs; offsets and
+    MLPs decay exponentially to their ``*_final`` rates. Each step draws the live slots with
+    positive opacity (:meth:`AnchorModel.drawn`); after the last step the bound is enforced once
+    more and every object is baked into plain Gaussians (:class:`~gaussian_atlas.fit.FitResult`
+    ``.model`` holds its :class:`AnchorModel`).
     """
-    from tqdm.auto import tqdm
 
-    from .fit import FitResult, load_lpips, out_of_time, pack_views, photometric_loss
+    name = "anchors"
 
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    ac = cfg.anchors
-    k = ac.n_offsets
-    objects, pv = pack_views(objects, cfg, device)
-    W, H, B = pv.width, pv.height, len(objects)
-    rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    def __init__(self, objects: Sequence[FitInput], pv: PackedViews, cfg: FitConfig, rng: np.random.Generator,
+                 device: torch.device) -> None:
+        self.pv, self.cfg, self.device = pv, cfg, device
+        ac = cfg.anchors
+        self.k = k = ac.n_offsets
+        # Anchors of every object, concatenated; positions carry the packing offset.
+        pos, grp = [], []
+        for b, o in enumerate(objects):
+            p = init_anchors(o, cfg.init_points, ac.voxel_size, max(1, cfg.tau // k), rng)
+            pos.append(p + torch.tensor([float(pv.offsets[b]), 0.0, 0.0]))
+            grp.append(torch.full((len(p),), b, dtype=torch.long))
+        anchors, groups = torch.cat(pos), torch.cat(grp)
+        A = len(anchors)
+        # [A, 6] log (Scaffold-GS: the 3-NN distance)
+        log_scale = torch.log(mean_knn_distance(anchors, alone=ac.voxel_size))[:, None].repeat(1, 6)
+        self.params = nn.ParameterDict({
+            "anchors": nn.Parameter(anchors.to(device), requires_grad=False),  # [A, 3] fixed
+            "features": nn.Parameter(torch.zeros(A, ac.feat_dim, device=device)),  # [A, F]
+            "scaling": nn.Parameter(log_scale.to(device)),  # [A, 6] log
+            "offsets": nn.Parameter(torch.zeros(A, k, 3, device=device)),  # [A, k, 3]
+        })
+        self.mlps = AnchorMLPs(len(objects), ac.feat_dim, k).to(device)
+        lrs = {"features": ac.lr_features, "scaling": ac.lr_scaling, "offsets": ac.lr_offsets}
+        # One Adam per anchor parameter (gsplat's convention: the strategy edits each one's state).
+        self.optimizers = {n: torch.optim.Adam([{"params": self.params[n], "lr": lr, "name": n}], eps=1e-15)
+                           for n, lr in lrs.items()}
+        self.mlp_opt = torch.optim.Adam(self.mlps.parameters(), lr=ac.lr_mlp, eps=1e-15)
+        self.offsets_decay = (ac.lr_offsets_final / ac.lr_offsets) ** (1.0 / max(1, cfg.steps))
+        self.mlp_decay = (ac.lr_mlp_final / ac.lr_mlp) ** (1.0 / max(1, cfg.steps))
+        self.strategy = AnchorStrategy(tau=cfg.tau, cfg=ac, n_groups=len(objects), spacing=cfg.spacing)
+        self.strategy.check_sanity(self.params, self.optimizers)
+        self.state = self.strategy.initialize_state(self.params, groups)
+        self.state["measure_visibility"] = lambda p: self._visibility(pv.sample(rng, cfg.measure_views))
+        self.n_drawn = 0
+        # init_anchors caps anchors at tau // k: binds only if tau < k
+        self.strategy.enforce_bound(self.params, self.optimizers, self.state)
 
-    # Anchors of every object, concatenated; positions carry the packing offset.
-    pos, grp = [], []
-    for b, o in enumerate(objects):
-        p = init_anchors(o, cfg.init_points, ac.voxel_size, max(1, cfg.tau // k), rng)
-        pos.append(p + torch.tensor([float(pv.offsets[b]), 0.0, 0.0]))
-        grp.append(torch.full((len(p),), b, dtype=torch.long))
-    anchors, groups = torch.cat(pos), torch.cat(grp)
-    A = len(anchors)
-    knn = torch.cat([torch.cdist(c, anchors).topk(min(4, A), largest=False).values[:, 1:]
-                     for c in anchors.split(2048)]) if A > 1 else torch.full((A, 1), ac.voxel_size)
-    log_scale = torch.log(knn.mean(1).clamp_min(1e-4))[:, None].repeat(1, 6)  # [A, 6] (Scaffold-GS: 3-NN distance)
-    params = nn.ParameterDict({
-        "anchors": nn.Parameter(anchors.to(device), requires_grad=False),  # [A, 3] fixed
-        "features": nn.Parameter(torch.zeros(A, ac.feat_dim, device=device)),  # [A, F]
-        "scaling": nn.Parameter(log_scale.to(device)),  # [A, 6] log
-        "offsets": nn.Parameter(torch.zeros(A, k, 3, device=device)),  # [A, k, 3]
-    })
-    mlps = AnchorMLPs(B, ac.feat_dim, k).to(device)
-    lrs = {"features": ac.lr_features, "scaling": ac.lr_scaling, "offsets": ac.lr_offsets}
-    # One Adam per anchor parameter (gsplat's convention: the strategy edits each one's state).
-    optimizers = {n: torch.optim.Adam([{"params": params[n], "lr": lr, "name": n}], eps=1e-15)
-                  for n, lr in lrs.items()}
-    mlp_opt = torch.optim.Adam(mlps.parameters(), lr=ac.lr_mlp, eps=1e-15)
-    offsets_decay = (ac.lr_offsets_final / ac.lr_offsets) ** (1.0 / max(1, cfg.steps))
-    mlp_decay = (ac.lr_mlp_final / ac.lr_mlp) ** (1.0 / max(1, cfg.steps))
+    @property
+    def step_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [*self.optimizers.values(), self.mlp_opt]
 
-    strategy = AnchorStrategy(tau=cfg.tau, cfg=ac, n_groups=B, spacing=cfg.spacing)
-    strategy.check_sanity(params, optimizers)
-    state = strategy.initialize_state(params, groups)
-
-    def model() -> AnchorModel:
-        return AnchorModel(params["anchors"], params["features"], params["scaling"], params["offsets"],
-                           state["alive"], state["groups"], mlps)
+    def model(self) -> AnchorModel:
+        p = self.params
+        return AnchorModel(p["anchors"], p["features"], p["scaling"], p["offsets"], self.state["alive"],
+                           self.state["groups"], self.mlps)
 
     @torch.no_grad()
-    def measure_visibility(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Blending weight of every slot over random training views (0 where not drawn), and the drawn mask."""
-        (m, q, s, o, _), idx = model().drawn()
-        cw, kk = pv.cameras(pv.sample(rng, cfg.measure_views))
-        vis = torch.zeros(state["alive"].numel(), device=device)
-        drawn = torch.zeros(state["alive"].numel(), dtype=torch.bool, device=device)
+    def _visibility(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Blending weight of every slot over ``views`` (0 where not drawn) ``[A, k]``, and the drawn mask."""
+        (m, q, s, o, _), idx = self.model().drawn()
+        cw, kk = self.pv.cameras(views)
+        n = self.state["alive"].numel()
+        vis = torch.zeros(n, device=self.device)
+        drawn = torch.zeros(n, dtype=torch.bool, device=self.device)
         drawn[idx] = True
         if len(idx):
-            vis[idx] = blending_weights(render, m, q, s, o, cw, kk, W, H)
-        return vis.reshape(-1, k), drawn.reshape(-1, k)
+            vis[idx] = blending_weights(render, m, q, s, o, cw, kk, self.pv.width, self.pv.height)
+        return vis.reshape(-1, self.k), drawn.reshape(-1, self.k)
 
-    state["measure_visibility"] = measure_visibility
-
-    lpips_fn, lpips_status = (None, "off")
-    if cfg.lambda_lpips > 0:
-        lpips_fn, lpips_status = load_lpips(cfg.lpips_weights, device)
-
-    strategy.enforce_bound(params, optimizers, state)  # init_anchors caps anchors at tau // k: binds only if tau < k
-    bar = tqdm(range(cfg.steps), desc=f"fit {B} object(s), anchors", unit="step", disable=not progress)
-    steps_done = 0
-    for step in bar:
-        # 1. random training views of every object
-        views = pv.sample(rng, cfg.views_per_step)
-        cw, kk = pv.cameras(views)
-        gt_rgb, gt_alpha = pv.targets(views)  # [C, H, W, 3], [C, H, W]
-
-        # 2. the MLPs give the neural Gaussians; the drawn ones are rendered in one call
-        (m, q, s, o, c), idx = model().drawn()
+    def splats(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Any]]:
+        """The MLPs' neural Gaussians that are drawn, and their slots and opacities for the strategy."""
+        (m, q, s, o, c), idx = self.model().drawn()
         if len(idx) == 0:
             raise RuntimeError("no neural Gaussian has positive opacity: the anchor fit collapsed")
-        out = render((m, q, s, o, c), cw, kk, W, H, background=1.0)
-        info = dict(out.meta, slots=idx, opacities_drawn=o)
-        strategy.step_pre_backward(params, optimizers, state, step, info)
+        self.n_drawn = len(idx)
+        return (m, q, s, o, c), {"slots": idx, "opacities_drawn": o}
 
-        # 3. the fitting loss (the plain fitter's)
-        loss, l1 = photometric_loss(out, gt_rgb, gt_alpha, s, cfg, lpips_fn)
-        loss.backward()
+    def stats(self) -> dict[str, int]:
+        return {"n_gaussians": self.n_drawn, "n_live": int(self.state["alive"].sum()),
+                "n_anchors": len(self.params["anchors"])}
 
-        # 4. optimiser steps, then grow / prune / bound
-        for opt in (*optimizers.values(), mlp_opt):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for group in optimizers["offsets"].param_groups:
-            group["lr"] *= offsets_decay
-        for group in mlp_opt.param_groups:
-            group["lr"] *= mlp_decay
-        strategy.step_post_backward(params, optimizers, state, step, info)
-        steps_done = step + 1
-        if on_step is not None:
-            on_step(step, {"loss": float(loss.detach()), "l1": float(l1.detach()), "n_gaussians": len(idx),
-                           "n_live": int(state["alive"].sum()), "n_anchors": len(params["anchors"])})
-        if progress and step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", n=len(idx), anchors=len(params["anchors"]))
-        if out_of_time(cfg, t0):
-            break
-    bar.close()
-    # A no-op (live slots only increase when growing, which ends with the bound): the guarantee before baking.
-    strategy.enforce_bound(params, optimizers, state)
+    def decay(self) -> None:
+        for group in self.optimizers["offsets"].param_groups:
+            group["lr"] *= self.offsets_decay
+        for group in self.mlp_opt.param_groups:
+            group["lr"] *= self.mlp_decay
 
-    # Bake every object, record visibility over all its training views, held-out metrics.
-    results = []
-    seconds = time.perf_counter() - t0
-    full = model()
-    with torch.no_grad():
+    def finish(self) -> None:
+        """A no-op (live slots only increase when growing, which ends with the bound): the guarantee before baking."""
+        self.strategy.enforce_bound(self.params, self.optimizers, self.state)
+
+    @torch.no_grad()
+    def results(self, objects: Sequence[FitInput], common: dict[str, Any]) -> list[FitResult]:
+        """Bake every object, record visibility over all its training views, held-out metrics."""
+        pv, st, W, H = self.pv, self.state, self.pv.width, self.pv.height
+        full = self.model()
+        results = []
         for b, o in enumerate(objects):
             mb = full.select(b, shift=(-float(pv.offsets[b]), 0.0, 0.0))
             g = mb.bake()  # at the origin
-            tv = torch.as_tensor(pv.train_idx[b], device=device)
+            tv = torch.as_tensor(pv.train_idx[b], device=self.device)
             cw, kk = pv.c2w[b][tv].clone(), pv.K[b][tv]
             cw[:, 0, 3] -= float(pv.offsets[b])
             g.visibility = blending_weights(render, g.means, g.unit_quats(), g.scales(), g.opacities(), cw, kk, W, H) \
-                if len(g) else torch.zeros(0, device=device)
-            metrics = {"n_gaussians": len(g), **pv.holdout(b, g), "steps": steps_done, "seconds": seconds / B,
-                       "method": "anchors", "bound_events": state["n_bound_events"], "lpips": lpips_status,
+                if len(g) else torch.zeros(0, device=self.device)
+            metrics = {"n_gaussians": len(g), **pv.holdout(b, g), **common, "bound_events": st["n_bound_events"],
                        "n_anchors": len(mb), "n_live_slots": int(mb.alive.sum()),
-                       "anchors_grown": state["n_grown"], "anchors_pruned": state["n_pruned_anchors"]}
+                       "anchors_grown": st["n_grown"], "anchors_pruned": st["n_pruned_anchors"]}
             results.append(FitResult(o.id, g.detach().to("cpu"), metrics, model=mb.to("cpu")))
-    return results
+        return results
