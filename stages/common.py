@@ -1,4 +1,20 @@
-"""What every stage shim shares: params, telemetry off, MLflow runs, one-line failures.
+"""What every stage shim shares: the stage skeleton (:func:`run_stage`), params, telemetry off, MLflow runs,
+one-line failures.
+
+A stage file holds its flags and a body: the body reads its config from params, calls the library, writes
+its outputs and returns a :class:`StageResult` (its metrics, artifacts and one-line summary); the skeleton
+parses the command line, opens the MLflow run when the body asks (:meth:`StageRun.start`), writes the DVC
+metrics file, logs metrics, tags and artifacts, prints the summary and applies the quality gate::
+
+    FLAGS = [("--out", "data/fits", "fit output folder")]
+
+    def body(run: StageRun) -> StageResult:
+        cfg = run.config(FitConfig)                  # params.yaml: fit -> the frozen dataclass
+        run.start(to_dict(cfg))                      # the MLflow run opens here, the clock starts
+        table = fit(...)
+        return StageResult({"n_ok": ...}, f"fit: ... -> {run.args.out}", artifacts=[...])
+
+    main = stage_main("fit", body, doc=__doc__, flags=FLAGS)
 
 MLflow is configured here, at the edge, never at import time of the library.
 Tracking store: ``sqlite:///<repo>/mlflow/mlflow.db`` with artifacts under
@@ -12,13 +28,17 @@ with the stage name and the git commit.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import os
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import yaml
 
@@ -156,20 +176,21 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
         yield run
 
 
-def gate_tag(tag: str, fraction: float, limit: float) -> bool:
-    """Tag the active MLflow run with a gate's verdict; True when the gate passed."""
+PYFUNC_REQUIREMENTS = ("torch", "diffusers", "transformers", "numpy", "pandas", "plyfile")
+
+
+def register_model(model: Path, name: str) -> None:
+    """Log a model folder to the active run as an MLflow pyfunc (models-from-code:
+    ``src/gaussian_atlas/atlas_pyfunc.py``, with the library as its code) and register it as ``name``."""
     import mlflow
+    from importlib.metadata import version
 
-    passed = fraction <= limit
-    mlflow.set_tag(tag, "passed" if passed else "failed")
-    return passed
-
-
-def check_gate(stage: str, fraction: float, limit: float, key: str, what: str, reasons: Path) -> None:
-    """Fail the stage in one line when more than ``limit`` of its inputs were ``what`` (quarantined/rejected)."""
-    if fraction > limit:
-        raise StageError(f"{stage}: {fraction:.1%} of the inputs were {what}, above {key}={limit:.1%}; "
-                         f"reasons in {reasons}")
+    lib = ROOT / "src" / "gaussian_atlas"
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(lib / "atlas_pyfunc.py"),
+                                   artifacts={"model_dir": str(model)},
+                                   pip_requirements=[f"{d}=={version(d)}" for d in PYFUNC_REQUIREMENTS],
+                                   code_paths=[str(lib)], registered_model_name=name)
+    print(f"train: registered {name!r} version {info.registered_model_version} ({info.model_uri})")
 
 
 def main_guard(fn) -> None:
@@ -184,3 +205,199 @@ def main_guard(fn) -> None:
     except ValueError as exc:  # config problems (unknown params keys, bad values)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage skeleton
+
+Artifact = Union[str, os.PathLike, tuple[Union[str, os.PathLike], str]]
+"""A file or folder to log to MLflow, optionally with its artifact path: ``path`` or ``(path, artifact_path)``."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A quality gate: the share ``fraction`` of a stage's inputs that were ``what`` (quarantined, rejected)
+    against ``limit`` (the params key ``key``). The run is tagged ``tag`` = passed | failed; a failed gate fails
+    the stage in one line, after its outputs are written and its summary printed, naming ``reasons``."""
+
+    tag: str
+    fraction: float
+    limit: float
+    key: str
+    what: str
+    reasons: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.fraction <= self.limit
+
+    def failure(self, stage: str) -> str:
+        return (f"{stage}: {self.fraction:.1%} of the inputs were {self.what}, above {self.key}={self.limit:.1%}; "
+                f"reasons in {self.reasons}")
+
+
+@dataclass
+class StageResult:
+    """What a stage body returns; :func:`run_stage` writes, logs and prints it.
+
+    ``metrics`` is written to the DVC metrics file (``--metrics``), followed by ``expectations`` (a
+    great-expectations suite's failed-row count per expectation) as ``failed_expectations`` when given;
+    MLflow gets ``mlflow_metrics``, by default the numbers among the top-level entries of ``metrics``
+    (None and NaN left out).
+    ``failure`` (or a failed ``gate``) fails the stage in one line once everything is written and printed.
+    """
+
+    metrics: dict[str, Any]
+    summary: str
+    artifacts: Sequence[Artifact] = ()
+    mlflow_metrics: dict[str, float] | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    expectations: dict[str, int] | None = None
+    gate: Gate | None = None
+    failure: str | None = None
+
+
+def top_numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The top-level numbers of ``metrics`` (booleans as 0/1) as MLflow metrics; None, NaN and the rest left out."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+
+
+def nested_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested metrics as flat MLflow metric names (``generated.colour_accuracy``); a
+    ``*_ci95`` pair becomes ``*_ci95_low`` / ``*_ci95_high``."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(nested_numbers(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            out[key] = float(v)
+        elif isinstance(v, list) and len(v) == 2 and key.endswith("_ci95") and None not in v:
+            out[key + "_low"], out[key + "_high"] = float(v[0]), float(v[1])
+    return out
+
+
+def pick_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as it is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class StageRun:
+    """What a stage body gets: its parsed flags (``args``), its params, and the MLflow run it opens with
+    :meth:`start` once its config is known (a config error fails before any run exists)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+        self.name, self.args, self._stack = name, args, stack
+        self._t0: float | None = None
+
+    def params(self, section: str | None = None) -> dict[str, Any]:
+        """``params.yaml`` (``--params``): the whole file, or one section (a StageError when it is missing)."""
+        return load_params(section, self.args.params)
+
+    def config(self, cls: type, section: str | None = None) -> Any:
+        """The frozen dataclass ``cls`` from ``params.yaml: <section>`` (default: the stage's), every key given."""
+        from gaussian_atlas.config import from_dict
+
+        section = section or self.name
+        return from_dict(cls, self.params(section), f"params.yaml: {section}", complete=True)
+
+    def start(self, run_params: dict[str, Any]) -> None:
+        """Open the stage's MLflow run (:func:`stage_run`: a child of the flow's run when there is one) with
+        ``run_params`` logged as its params, and start the clock of :meth:`elapsed`."""
+        self._stack.enter_context(stage_run(self.name, run_params))
+        self._t0 = time.perf_counter()
+
+    @property
+    def started(self) -> bool:
+        return self._t0 is not None
+
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start`."""
+        assert self._t0 is not None, "elapsed() before start()"
+        return time.perf_counter() - self._t0
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of one training step (the library's ``log`` callback)."""
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    def log_image(self, step: int, image: Any) -> None:
+        """A preview sheet of ``step`` as ``samples/step_<step>.png`` (the library's ``images`` callback)."""
+        import mlflow
+
+        mlflow.log_image(image, f"samples/step_{step:06d}.png")
+
+
+Flag = tuple  # (flag, default, help) or (flag, default, help, {more argparse keywords})
+
+
+def stage_parser(name: str, doc: str | None, flags: Sequence[Flag]) -> argparse.ArgumentParser:
+    """A stage's command line: its own ``flags``, then ``--metrics`` (``metrics/<name>.json``) and ``--params``."""
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, default, text, *more in (*flags, ("--metrics", f"metrics/{name}.json", "DVC metrics file")):
+        if default is not None:
+            text += " (default: %(default)s)"
+        ap.add_argument(flag, default=default, help=text, **(more[0] if more else {}))
+    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
+    return ap
+
+
+def stage_main(name: str, body: Callable[[StageRun], StageResult | None], *, doc: str | None = None,
+               flags: Sequence[Flag] = ()) -> Callable[..., StageResult | None]:
+    """A stage's ``main(argv=None)``: :func:`run_stage` of ``body`` (errors raise; ``main_guard(main)`` prints
+    them in one line when the stage runs as a program)."""
+    return functools.partial(run_stage, name, body, doc=doc, flags=flags)
+
+
+def _log_artifact(item: Artifact) -> None:
+    import mlflow
+
+    path, artifact_path = item if isinstance(item, tuple) else (item, None)
+    if Path(path).is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def run_stage(name: str, body: Callable[[StageRun], StageResult | None], argv: list[str] | None = None, *,
+              doc: str | None = None, flags: Sequence[Flag] = ()) -> StageResult | None:
+    """The skeleton of every stage: parse ``flags``, run ``body``, then write ``result.metrics`` to ``--metrics``
+    (atomically), log metrics, tags and artifacts to the run the body opened (none when it opened none), close
+    the run, print the summary and fail in one line (:class:`StageError`) on a failed gate or ``failure``.
+
+    An exception from the body marks the MLflow run FAILED; :func:`main_guard` prints it in one line.
+    ``body`` returns None when there is nothing to write (e.g. a DDP rank other than 0).
+    """
+    from gaussian_atlas import io as gio
+
+    args = stage_parser(name, doc, flags).parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        run = StageRun(name, args, stack)
+        result = body(run)
+        if result is None:
+            return None
+        failed = {} if result.expectations is None else {"failed_expectations": result.expectations}
+        gio.write_json(args.metrics, {**result.metrics, **failed})
+        if run.started:
+            import mlflow
+
+            mlflow.log_metrics(top_numbers(result.metrics) if result.mlflow_metrics is None else result.mlflow_metrics)
+            tags = dict(result.tags)
+            if result.gate is not None:
+                tags[result.gate.tag] = "passed" if result.gate.passed else "failed"
+            if tags:
+                mlflow.set_tags(tags)
+            for item in result.artifacts:
+                _log_artifact(item)
+    print(result.summary)
+    if result.gate is not None and not result.gate.passed:
+        raise StageError(result.gate.failure(name))
+    if result.failure:
+        raise StageError(result.failure)
+    return result

@@ -14,33 +14,29 @@ the mean and std maps go to MLflow.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from stages.common import StageError, load_params, main_guard, stage_run
+from stages.common import StageError, StageResult, StageRun, main_guard, stage_main
+
+FLAGS = [("--atlas", "data/atlas", "atlas stage output"),
+         ("--out", "data/normalize", "output folder"),
+         ("--reports", "reports/normalize", "pictures + data docs")]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--atlas", default="data/atlas", help="atlas stage output (default: %(default)s)")
-    ap.add_argument("--out", default="data/normalize", help="output folder (default: %(default)s)")
-    ap.add_argument("--metrics", default="metrics/normalize.json", help="DVC metrics file (default: %(default)s)")
-    ap.add_argument("--reports", default="reports/normalize", help="pictures + data docs (default: %(default)s)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
-    args = ap.parse_args(argv)
-
-    import mlflow
+def body(run: StageRun) -> StageResult:
     import numpy as np
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import CHANNEL_NAMES, AtlasConfig, atlas_figure, atlas_problem, training_rows
-    from gaussian_atlas.config import from_dict
+    from gaussian_atlas.atlas import CHANNEL_NAMES, AtlasConfig, atlas_problem, training_rows
     from gaussian_atlas.checks import validate_stats
+    from gaussian_atlas.config import from_dict
     from gaussian_atlas.normalize import RunningStats
+    from gaussian_atlas.reports import stats_pictures
 
-    params = load_params("normalize", args.params)
-    atlas_section = {k: v for k, v in load_params("atlas", args.params).items() if k not in ("batch_objects", "device")}
+    args = run.args
+    params = run.params("normalize")
+    atlas_section = {k: v for k, v in run.params("atlas").items() if k not in ("batch_objects", "device")}
     acfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
     std_floor = float(params.get("std_floor", 1e-3))
     min_atlases = int(params.get("min_atlases", 2))
@@ -50,45 +46,41 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"no atlas index at {index_path}: run the atlas stage first")
     index = training_rows(pd.read_parquet(index_path))  # ceiling objects of held-out prompts stay out
     out, reports = Path(args.out), Path(args.reports)
-    with stage_run("normalize", {"std_floor": std_floor, "min_atlases": min_atlases, "batch": batch}):
-        stats = RunningStats(std_floor=std_floor)
-        paths = list(index["path"])
-        refused = []  # atlases outside the bounds (e.g. imported by hand): quarantined, not in the statistics
-        for start in range(0, len(paths), batch):
-            arrays = []
-            for p in paths[start:start + batch]:
-                with np.load(Path(args.atlas) / p) as z:
-                    problem = atlas_problem(z["atlas"], acfg)
-                    if problem:
-                        refused.append({"path": p, "reason": problem})
-                    else:
-                        arrays.append(z["atlas"])
-            if arrays:
-                stats.update(np.stack(arrays))
-        with gio.atomic_path(out / "quarantine.csv") as tmp:
-            pd.DataFrame(refused, columns=["path", "reason"]).to_csv(tmp, index=False)
-        for r in refused:
-            print(f"normalize: refused {r['path']}: {r['reason']}")
-        if stats.count == 0:
-            raise StageError(f"{index_path} lists no atlases: nothing to normalise")
-        verdict = validate_stats(stats, min_atlases, docs_dir=reports / "data_docs")
-        stats.save(out / "stats.npz")
-        metrics = {"count": int(stats.count), "n_refused": len(refused), "floored_fraction": float(stats.floored_fraction()),
-                   "gx_success": bool(verdict["success"])}
-        summary = stats.summary(CHANNEL_NAMES)
-        gio.write_json(args.metrics, {**metrics, "channels": summary, "failed_expectations": verdict["expectations"]})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_artifact(str(out / "stats.npz"))
-        mean_img = gio.write_png(reports / "mean.png", atlas_figure(stats.mean.astype(np.float32), scale=2))
-        std_img = gio.write_png(reports / "std.png", atlas_figure(stats.std.astype(np.float32), scale=2))
-        for p in (mean_img, std_img):
-            mlflow.log_artifact(str(p))
-        mlflow.log_artifacts(str(reports / "data_docs"), artifact_path="data_docs")
-    print(f"normalize: statistics of {stats.count} atlases -> {out / 'stats.npz'} "
-          f"({metrics['floored_fraction']:.1%} of pixels at the std floor)")
-    if not verdict["success"]:
-        reasons = sorted({m for ms in verdict["reasons"].values() for m in ms})
-        raise StageError("normalize: the statistics failed validation: " + "; ".join(reasons[:5]))
+    run.start({"std_floor": std_floor, "min_atlases": min_atlases, "batch": batch})
+    stats = RunningStats(std_floor=std_floor)
+    paths = list(index["path"])
+    refused = []  # atlases outside the bounds (e.g. imported by hand): quarantined, not in the statistics
+    for start in range(0, len(paths), batch):
+        arrays = []
+        for p in paths[start:start + batch]:
+            with np.load(Path(args.atlas) / p) as z:
+                problem = atlas_problem(z["atlas"], acfg)
+                if problem:
+                    refused.append({"path": p, "reason": problem})
+                else:
+                    arrays.append(z["atlas"])
+        if arrays:
+            stats.update(np.stack(arrays))
+    gio.write_csv(out / "quarantine.csv", pd.DataFrame(refused, columns=["path", "reason"]))
+    for r in refused:
+        print(f"normalize: refused {r['path']}: {r['reason']}")
+    if stats.count == 0:
+        raise StageError(f"{index_path} lists no atlases: nothing to normalise")
+    verdict = validate_stats(stats, min_atlases, docs_dir=reports / "data_docs")
+    stats.save(out / "stats.npz")
+    metrics = {"count": int(stats.count), "n_refused": len(refused), "floored_fraction": float(stats.floored_fraction()),
+               "gx_success": bool(verdict["success"])}
+    failed = sorted({m for ms in verdict["reasons"].values() for m in ms})
+    return StageResult(
+        {**metrics, "channels": stats.summary(CHANNEL_NAMES)},
+        f"normalize: statistics of {stats.count} atlases -> {out / 'stats.npz'} "
+        f"({metrics['floored_fraction']:.1%} of pixels at the std floor)",
+        [out / "stats.npz", *stats_pictures(stats, reports), (reports / "data_docs", "data_docs")],
+        expectations=verdict["expectations"],
+        failure=None if verdict["success"] else "normalize: the statistics failed validation: " + "; ".join(failed[:5]))
+
+
+main = stage_main("normalize", body, doc=__doc__, flags=FLAGS)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ transfer experiment: ``dvc exp run -S pretrain2d.enabled=true -S train.model.pre
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
-from stages.common import StageError, load_params, main_guard, stage_run
+from stages.common import StageError, StageResult, StageRun, main_guard, pick_device, stage_main
+
+FLAGS = [("--images", "data/pretrain2d", "rendered 2D set"),
+         ("--out", "models/prior2d", "checkpoints + model folder"),
+         ("--reports", "reports/pretrain2d", "sample sheet folder")]
 
 
 def prior_train_config(params: dict):
@@ -43,26 +45,28 @@ def prior_train_config(params: dict):
     return from_dict(TrainConfig, section, "params.yaml: pretrain2d over train", complete=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="data/pretrain2d", help="rendered 2D set (default: %(default)s)")
-    ap.add_argument("--out", default="models/prior2d", help="checkpoints + model folder (default: %(default)s)")
-    ap.add_argument("--metrics", default="metrics/pretrain2d.json", help="DVC metrics file (default: %(default)s)")
-    ap.add_argument("--reports", default="reports/pretrain2d", help="sample sheet folder (default: %(default)s)")
-    ap.add_argument("--params", default=None, help="params.yaml to read (default: the repo's)")
-    args = ap.parse_args(argv)
+def sample_prompts(params: dict, captions: list[str]) -> list[str]:
+    """The prior's sample prompts: the 3D set's held-out pairs (which the 2D set does contain; else the first
+    caption), filled up to 8 with seen shape x colour pairs."""
+    from gaussian_atlas.config import from_dict
+    from gaussian_atlas.procedural import COLORS, SHAPES, ProceduralConfig, _caption, _part, holdout_sets
 
-    import mlflow
+    gen = params.get("generate") or {}
+    pcfg = from_dict(ProceduralConfig, {k: v for k, v in gen.items() if k in ("seed", "holdout")})
+    held, _ = holdout_sets(pcfg) if pcfg.holdout.singles else ([], [])
+    prompts = [_caption([_part(s, c)]) for s, c in held][:8] or [captions[0]]
+    return prompts + [_caption([_part(SHAPES[i % len(SHAPES)], c)]) for i, c in enumerate(list(COLORS)[:8 - len(prompts) % 8])]
 
+
+def body(run: StageRun) -> StageResult:
     from gaussian_atlas import io as gio
     from gaussian_atlas.config import from_dict, to_dict
     from gaussian_atlas.pretrain2d import Prior2dData, image_sheet, load_images, pretrain2d, render_prior_images, sample_images
-    from gaussian_atlas.procedural import COLORS, SHAPES, ProceduralConfig, _caption, _part, holdout_sets
 
-    params = load_params(None, args.params)
+    args = run.args
+    params = run.params()
     data_cfg = from_dict(Prior2dData, (params.get("pretrain2d") or {}).get("data"), "params.yaml: pretrain2d.data", complete=True)
-    gen = params.get("generate") or {}
-    if int(data_cfg.seed) == int(gen.get("seed", 0)):
+    if int(data_cfg.seed) == int((params.get("generate") or {}).get("seed", 0)):
         raise StageError(f"pretrain2d.data.seed ({data_cfg.seed}) equals generate.seed: the 2D images would show the "
                          "3D training objects themselves; choose another seed")
     cfg = prior_train_config(params)
@@ -73,35 +77,27 @@ def main(argv: list[str] | None = None) -> None:
         for d in (args.images, args.out, args.reports):
             Path(d).mkdir(parents=True, exist_ok=True)
             (Path(d) / "SKIPPED.md").write_text(reason + "\n")
-        gio.write_json(args.metrics, {"skipped": reason})
-        print(f"pretrain2d: skipped ({reason})")
-        return
-    with stage_run("pretrain2d", {**to_dict(cfg), "data": to_dict(data_cfg)}):
-        t0 = time.perf_counter()
-        rendered = render_prior_images(data_cfg, side, args.images, progress=True)
-        images, captions = load_images(args.images)
-        t_render = time.perf_counter() - t0
-        print(f"pretrain2d: {len(images)} images [4, {side}, {side}] of {rendered['n_objects']} objects "
-              f"({rendered['n_rendered']} rendered now, {t_render:.1f} s)")
-        summary = pretrain2d(cfg, images, captions, args.out, progress=True,
-                             log=lambda step, m: mlflow.log_metrics(m, step=step))
-        # the prior's samples: a seen pair and the 3D set's held-out pairs (which the 2D set does contain)
-        pcfg = from_dict(ProceduralConfig, {k: v for k, v in gen.items() if k in ("seed", "holdout")})
-        held, _ = holdout_sets(pcfg) if pcfg.holdout.singles else ([], [])
-        prompts = [_caption([_part(s, c)]) for s, c in held][:8] or [captions[0]]
-        prompts += [_caption([_part(SHAPES[i % len(SHAPES)], c)]) for i, c in enumerate(list(COLORS)[:8 - len(prompts) % 8])]
-        pics = sample_images(Path(args.out) / "model", prompts, list(range(len(prompts))),
-                             steps=int(params["train"].get("sample_steps", 20)),
-                             guidance=float(params["train"].get("sample_guidance", 3.5)),
-                             device="cuda" if __import__("torch").cuda.is_available() else "cpu")
-        sheet = gio.write_png(Path(args.reports) / "samples.png", image_sheet(pics, prompts, ncols=8))
-        mlflow.log_artifact(str(sheet))
-        metrics = {"n_images": len(images), "n_objects": rendered["n_objects"], "render_seconds": round(t_render, 2),
-                   **{k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}}
-        gio.write_json(args.metrics, metrics)
-        mlflow.log_metrics({"train_seconds": summary["seconds"], "n_images": len(images)})
-    print(f"pretrain2d: {summary['step']} steps, last v-loss {summary.get('last_loss_v', float('nan')):.4f} -> "
-          f"{Path(args.out) / 'model'}; samples in {sheet}")
+        return StageResult({"skipped": reason}, f"pretrain2d: skipped ({reason})")  # no MLflow run
+    run.start({**to_dict(cfg), "data": to_dict(data_cfg)})
+    rendered = render_prior_images(data_cfg, side, args.images, progress=True)
+    images, captions = load_images(args.images)
+    t_render = run.elapsed()
+    print(f"pretrain2d: {len(images)} images [4, {side}, {side}] of {rendered['n_objects']} objects "
+          f"({rendered['n_rendered']} rendered now, {t_render:.1f} s)")
+    summary = pretrain2d(cfg, images, captions, args.out, progress=True, log=run.log_step)
+    prompts = sample_prompts(params, captions)
+    pics = sample_images(Path(args.out) / "model", prompts, list(range(len(prompts))),
+                         steps=int(params["train"].get("sample_steps", 20)),
+                         guidance=float(params["train"].get("sample_guidance", 3.5)), device=pick_device())
+    sheet = gio.write_png(Path(args.reports) / "samples.png", image_sheet(pics, prompts, ncols=8))
+    metrics = {"n_images": len(images), "n_objects": rendered["n_objects"], "render_seconds": round(t_render, 2),
+               **{k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}}
+    return StageResult(metrics, f"pretrain2d: {summary['step']} steps, last v-loss "
+                       f"{summary.get('last_loss_v', float('nan')):.4f} -> {Path(args.out) / 'model'}; samples in {sheet}",
+                       [sheet], mlflow_metrics={"train_seconds": summary["seconds"], "n_images": len(images)})
+
+
+main = stage_main("pretrain2d", body, doc=__doc__, flags=FLAGS)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,10 @@ def cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def cmd_atlas(args: argparse.Namespace) -> None:
-    import pandas as pd
-
-    from . import io as gio
     from .atlas import AtlasConfig, write_atlases
     from .data import read_captions
     from .gaussians import read_gaussianverse_ply, read_ply
+    from .reports import write_atlas_tables
 
     root = Path(args.plys)
     if not root.is_dir():
@@ -98,9 +96,7 @@ def cmd_atlas(args: argparse.Namespace) -> None:
     rows, quarantine = write_atlases(items, cfg, args.out, reader=reader, device=args.device,
                                      use_gs2sphere=args.use_gs2sphere)
     out = Path(args.out)
-    gio.write_parquet(out / "index.parquet", pd.DataFrame(rows))
-    with gio.atomic_path(out / "quarantine.csv") as tmp:
-        pd.DataFrame(quarantine, columns=["id", "reason"]).to_csv(tmp, index=False)
+    write_atlas_tables(out, rows, quarantine)  # the atlas stage's index.parquet and quarantine.csv
     print(f"{len(rows)} atlases [16, {args.side}, {args.side}] in {out}, {len(quarantine)} quarantined "
           f"({out / 'quarantine.csv'}); next: python -m stages.normalize --atlas {out}")
 
@@ -108,11 +104,9 @@ def cmd_atlas(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from . import io as gio
-    from .atlas import atlas_figure
     from .evaluate import slug
-    from .gaussians import write_ply
-    from .sample import SampleConfig, generate, load_atlas_model, turntable, write_gif
+    from .reports import write_sample
+    from .sample import SampleConfig, generate, load_atlas_model, turntable
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
@@ -126,9 +120,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         name = slug(prompt)
         used[name] = used.get(name, 0) + 1
         name = name if used[name] == 1 else f"{name}-{used[name]}"
-        ply = write_ply(out / f"{name}.ply", g._map(lambda t, i=i: t[i]))
-        gif = write_gif(out / f"{name}.gif", frames[i])
-        png = gio.write_png(out / f"{name}_atlas.png", atlas_figure(atlases[i], scale=2))
+        ply, gif, png = write_sample(g._map(lambda t, i=i: t[i]), frames[i], atlases[i], ply=out / f"{name}.ply",
+                                     gif=out / f"{name}.gif", png=out / f"{name}_atlas.png")  # as the evaluate stage
         print(f"{prompt!r} (seed {seeds[i]}):\n  {ply}\n  {gif}\n  {png}")
 
 

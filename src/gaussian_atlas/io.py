@@ -30,6 +30,7 @@ __all__ = [
     "write_npz",
     "write_png",
     "write_parquet",
+    "write_csv",
     "read_json",
 ]
 
@@ -142,6 +143,13 @@ def write_parquet(path: str | os.PathLike, frame: "Any") -> Path:
     """Write a pandas DataFrame as parquet, atomically."""
     with atomic_path(path, suffix=".parquet") as tmp:
         frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, frame: "Any", index: bool = False) -> Path:
+    """Write a pandas DataFrame as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
     return Path(path)
 
 

@@ -28,7 +28,7 @@ def _chunks(root, out):
 
 @pytest.mark.parametrize("runner", ["threads", "dask"])
 def test_fan_out_fits_every_object_once(ingested, tmp_path, runner, prefect_harness):
-    from flows.fanout import fan_out
+    from stages.fanout import fan_out
 
     out = tmp_path / "fits"
     items, chunks = _chunks(ingested, out)
@@ -52,7 +52,7 @@ def test_unreadable_object_fails_alone(ingested, tmp_path):
 
 
 def test_unknown_runner_is_refused():
-    from flows.fanout import make_task_runner
+    from stages.fanout import make_task_runner
 
     with pytest.raises(ValueError, match="unknown runner"):
         make_task_runner("slurm", 1)

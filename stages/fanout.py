@@ -1,4 +1,4 @@
-"""Fan-out of per-object work to a Prefect task runner (threads, or a Dask cluster).
+"""Fan-out of per-object work to a Prefect task runner (threads, or a Dask cluster): the fit stage's.
 
 Objects are handed out in coarse chunks (``chunk_size`` objects per task), never
 one task per object: Prefect's API and Dask's scheduler both slow down with
