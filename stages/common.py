@@ -44,14 +44,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENT_ENV = "GATLAS_MLFLOW_PARENT_RUN_ID"
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-}
 
 
 # The fit stage's fan-out starts a temporary Prefect server. With a fresh PREFECT_HOME it first
@@ -61,8 +53,9 @@ PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 def telemetry_off() -> None:
     """Telemetry off (and Prefect's temporary-server start timeout raised) unless the environment says otherwise."""
-    for k, v in {**TELEMETRY_OFF, **PREFECT_DEFAULTS}.items():
-        os.environ.setdefault(k, v)
+    from gaussian_atlas.config import telemetry_off as off
+
+    off(PREFECT_DEFAULTS)
 
 
 telemetry_off()
@@ -278,12 +271,10 @@ def nested_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float
 
 
 def pick_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name as it is."""
-    if device != "auto":
-        return device
-    import torch
+    """:func:`gaussian_atlas.config.resolve_device`."""
+    from gaussian_atlas.config import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
 
 
 class StageRun:

@@ -31,16 +31,14 @@ def body(run: StageRun) -> StageResult:
     from gaussian_atlas.atlas import CHANNEL_NAMES, AtlasConfig, atlas_problem, training_rows
     from gaussian_atlas.checks import validate_stats
     from gaussian_atlas.config import from_dict
-    from gaussian_atlas.normalize import RunningStats
+    from gaussian_atlas.normalize import NormalizeConfig, RunningStats
     from gaussian_atlas.reports import stats_pictures
 
     args = run.args
-    params = run.params("normalize")
+    ncfg = run.config(NormalizeConfig)
     atlas_section = {k: v for k, v in run.params("atlas").items() if k not in ("batch_objects", "device")}
     acfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
-    std_floor = float(params.get("std_floor", 1e-3))
-    min_atlases = int(params.get("min_atlases", 2))
-    batch = int(params.get("batch", 64))
+    std_floor, min_atlases, batch = ncfg.std_floor, ncfg.min_atlases, ncfg.batch
     index_path = Path(args.atlas) / "index.parquet"
     if not index_path.exists():
         raise StageError(f"no atlas index at {index_path}: run the atlas stage first")

@@ -25,11 +25,10 @@ import pandas as pd
 
 def load(model_dir: str | Path):
     """The model folder as an :class:`gaussian_atlas.sample.AtlasModel`, on the GPU when there is one."""
-    import torch
-
+    from gaussian_atlas.config import resolve_device
     from gaussian_atlas.sample import load_atlas_model
 
-    return load_atlas_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    return load_atlas_model(model_dir, resolve_device("auto"))
 
 
 def predict(model, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -6,9 +6,10 @@ Subcommands grow as stages land; `gatlas <command> --help` describes each.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from .config import resolve_device, telemetry_off
 
 EPILOG = """\
 the pipeline (from the repository root):
@@ -17,13 +18,6 @@ the pipeline (from the repository root):
   python -m flows.pipeline run       the same through Prefect, with an MLflow parent run
   make ui                            MLflow UI on http://127.0.0.1:5000
 """
-
-
-def _telemetry_off() -> None:
-    for k, v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "GX_ANALYTICS_ENABLED": "false",
-                 "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-        os.environ.setdefault(k, v)
 
 
 def _views_args(p: argparse.ArgumentParser) -> None:
@@ -102,13 +96,11 @@ def cmd_atlas(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     from .evaluate import slug
     from .reports import write_sample
     from .sample import SampleConfig, generate, load_atlas_model, turntable
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
                        resolution=args.resolution, batch_size=args.batch_size)
     model = load_atlas_model(args.model, device=device)
@@ -210,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _telemetry_off()
+    telemetry_off()
     args = build_parser().parse_args(argv)
     from .data import DatasetError
 

@@ -11,7 +11,18 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["from_dict", "missing_keys", "to_dict", "flatten"]
+__all__ = ["TELEMETRY_OFF", "from_dict", "missing_keys", "resolve_device", "telemetry_off", "to_dict", "flatten"]
+
+# Usage reporting of every tool the project runs, off unless the environment says otherwise (the stages
+# and ``gatlas`` call :func:`telemetry_off` first).
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 
 T = TypeVar("T")
 
@@ -69,6 +80,24 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "", comple
 def _tuples(value: Any) -> Any:
     """Lists (at any depth) -> tuples, so frozen configs stay hashable."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def telemetry_off(extra: dict[str, str] | None = None) -> None:
+    """Set :data:`TELEMETRY_OFF` (and ``extra``) in ``os.environ`` where the environment does not set them."""
+    import os
+
+    for k, v in {**TELEMETRY_OFF, **(extra or {})}.items():
+        os.environ.setdefault(k, v)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The one reading of a ``device`` setting: ``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``;
+    any other name as it is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

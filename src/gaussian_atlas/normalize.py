@@ -33,6 +33,7 @@ varies (std >> 1e-3) is standardised exactly as without a floor.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -42,9 +43,27 @@ from torch import Tensor
 
 from .io import write_npz
 
-__all__ = ["DEFAULT_STD_FLOOR", "RunningStats", "normalize", "denormalize"]
+__all__ = ["DEFAULT_STD_FLOOR", "NormalizeConfig", "RunningStats", "normalize", "denormalize"]
 
 DEFAULT_STD_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """``params.yaml: normalize``: the ``normalize`` stage.
+
+    std_floor : no pixel's std is below this (no division by ~0).
+    min_atlases : fewer atlases than this fail the statistics' validation.
+    batch : atlases read and merged into the running moments at a time.
+    """
+
+    std_floor: float
+    min_atlases: int
+    batch: int
+
+    def __post_init__(self) -> None:
+        if not self.std_floor > 0 or self.min_atlases < 1 or self.batch < 1:
+            raise ValueError(f"normalize: std_floor must be > 0 and min_atlases, batch >= 1, got {self}")
 
 
 def _np64(x: Any) -> np.ndarray:

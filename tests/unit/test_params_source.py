@@ -13,6 +13,7 @@ from gaussian_atlas.atlas import AtlasConfig
 from gaussian_atlas.config import from_dict
 from gaussian_atlas.data import IngestConfig
 from gaussian_atlas.evaluate import EvaluateConfig
+from gaussian_atlas.normalize import NormalizeConfig
 from gaussian_atlas.procedural import ProceduralConfig
 from gaussian_atlas.prune import PruneCheckConfig
 from gaussian_atlas.train import TrainConfig
@@ -34,7 +35,8 @@ def _configs(p: dict) -> list:
             from_dict(AtlasConfig, atlas, "atlas", complete=True),
             from_dict(TrainConfig, train_section(p, p["atlas"]["side"]), "train", complete=True),
             prior_train_config(p),
-            from_dict(EvaluateConfig, p["evaluate"], "evaluate", complete=True)]
+            from_dict(EvaluateConfig, p["evaluate"], "evaluate", complete=True),
+            from_dict(NormalizeConfig, p["normalize"], "normalize", complete=True)]
 
 
 def test_params_set_every_field_of_every_stage_config():
@@ -43,8 +45,15 @@ def test_params_set_every_field_of_every_stage_config():
     assert cfgs[3].tau == PARAMS["fit"]["tau"]  # prune_check's bound is the fit's
 
 
+def test_library_fallbacks_equal_the_params():
+    """The few library-level defaults kept for direct use of a function equal params.yaml's value."""
+    from gaussian_atlas.normalize import DEFAULT_STD_FLOOR
+
+    assert DEFAULT_STD_FLOOR == PARAMS["normalize"]["std_floor"]
+
+
 @pytest.mark.parametrize("section, key", [("fit", "steps"), ("train", "batch_size"), ("evaluate", "samples_per_prompt"),
-                                          ("generate", "seed")])
+                                          ("generate", "seed"), ("normalize", "std_floor")])
 def test_a_deleted_line_is_an_error_naming_the_key(section, key):
     p = copy.deepcopy(PARAMS)
     del p[section][key]

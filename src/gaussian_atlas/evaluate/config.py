@@ -83,6 +83,6 @@ class EvaluateConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        from ..config import resolve_device
+
+        return torch.device(resolve_device(self.device))

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import resolve_device
 from ..gaussians import Gaussians
 from .config import CODE_VERSION, FitConfig, FitInput
 from .loop import fit_objects
@@ -107,7 +108,7 @@ def fit_chunk(items: Sequence[dict[str, str]], data_root: Any, out_dir: Any, cfg
     from ..data import load_object
     from ..gaussians import write_ply
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = resolve_device(device)
     rows: list[dict[str, Any]] = []
     todo: list[tuple[dict[str, str], FitInput]] = []
     stamps: dict[str, str | None] = {}
