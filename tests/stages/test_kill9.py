@@ -1,6 +1,7 @@
 """Real kill -9 mid-run (a subprocess, killed at points drawn at random), then a rerun: no partial output is
 read, finished work is not redone, and the result equals a run that was never killed (bit-identical: these
-CPU computations are deterministic)."""
+CPU computations are deterministic; the fits run on one thread, since the CPU rasteriser's parallel reductions
+differ in the last bits from run to run with more)."""
 
 from __future__ import annotations
 
@@ -120,3 +121,52 @@ def test_train_killed_mid_run_resumes_to_the_same_weights(tmp_path):
         got = UNet2DConditionModel.from_pretrained(run / "model" / "unet")
         for (n, a), b in zip(ref.named_parameters(), got.parameters()):
             assert torch.equal(a, b), n
+
+
+FIT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from gaussian_atlas.data import load_manifest
+    from gaussian_atlas.fit import DensifyConfig, FitConfig, fit_chunk
+    ing, out = sys.argv[1], sys.argv[2]
+    items = load_manifest(ing)[["id", "path", "shard"]].to_dict("records")
+    cfg = FitConfig(steps=15, tau=150, init_points=100, views_per_step=2, holdout_every=4, measure_views=2,
+                    densify=DensifyConfig(refine_start_iter=100))
+    fit_chunk(items, ing, out, cfg, device="cpu")
+""")
+
+
+def test_fit_killed_mid_run_resumes_to_the_same_fits(tmp_path):
+    import json
+
+    from tests.conftest import make_ingested
+    from gaussian_atlas.gaussians import read_ply
+
+    ing = str(make_ingested(tmp_path, n_objects=5) / "ing")
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-c", FIT, ing, str(straight)], env=ENV, check=True)
+    ref = {p.name: read_ply(p) for p in straight.glob("objects/*/*.ply")}
+    assert len(ref) == 5
+    rng = random.Random(2)
+    for trial in range(2):
+        out = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen([sys.executable, "-c", FIT, ing, str(out)], env=ENV)
+        killed = _kill_when(proc, lambda: len(list(out.glob("objects/*/*.json"))) >= 1 + trial,
+                            rng.uniform(0.0, 0.5))
+        before = {p.name: p.stat().st_mtime_ns for p in out.glob("objects/*/[!.]*.*")}
+        for p in out.glob("objects/*/[!.]*.json"):  # whatever exists under its name is complete (atomic writes)
+            json.loads(p.read_text())
+        for p in out.glob("objects/*/[!.]*.ply"):
+            read_ply(p)
+        subprocess.run([sys.executable, "-c", FIT, ing, str(out)], env=ENV, check=True)
+        after = {p.name: p for p in out.glob("objects/*/[!.]*.ply")}
+        assert sorted(after) == sorted(ref)
+        for name, p in after.items():
+            g, r = read_ply(p), ref[name]
+            for a, b in ((g.means, r.means), (g.log_scales, r.log_scales), (g.sh0, r.sh0), (g.visibility, r.visibility)):
+                assert torch.equal(a, b), name
+        for p in out.glob("objects/*/[!.]*.*"):
+            if p.name in before:  # finished before the kill: not redone
+                assert p.stat().st_mtime_ns == before[p.name], p.name
+        assert killed or trial  # at least the first trial really killed it mid-run
+        assert not [p for p in out.glob("objects/*/.*")]  # a killed write's temp is gone or never named
