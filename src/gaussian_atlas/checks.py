@@ -115,11 +115,46 @@ def run_suite(frame: pd.DataFrame, suite_name: str, checks: list[Check],
             if docs_dir.exists():
                 shutil.rmtree(docs_dir)
             shutil.copytree(site, docs_dir)
-            docs_index = str(docs_dir / "index.html")
+            docs_index = str(_offline_index(docs_dir, suite_name, bool(result.success), counts, checks))
         return {"success": bool(result.success), "reasons": reasons, "expectations": counts,
                 "docs_index": docs_index}
     finally:
         shutil.rmtree(project, ignore_errors=True)
+
+
+def _offline_index(docs_dir: Path, suite_name: str, success: bool, counts: dict[str, int],
+                   checks: list[Check]) -> Path:
+    """An ``index.html`` that reads offline: great-expectations' own index fills its list with scripts and
+    styles from CDNs (an empty, unstyled page without internet), so it is kept as ``gx_index.html`` and this
+    static page, with no external reference, lists the verdict, every expectation with its failing rows and
+    reason, and links the site's validation and suite pages (those render without scripts)."""
+    import html
+    import json
+
+    gx_index = docs_dir / "index.html"
+    if gx_index.exists():
+        gx_index.replace(docs_dir / "gx_index.html")
+    rows = "".join(
+        f"<tr class='{'bad' if n else 'ok'}'><td><code>{html.escape(name)}</code></td><td>{n}</td>"
+        f"<td>{html.escape(json.dumps({k: v for k, v in c.expectation[1].items() if k != 'column'}, default=str))}"
+        f"</td></tr>"
+        for (name, n), c in zip(counts.items(), checks))
+    pages = sorted(p.relative_to(docs_dir).as_posix() for p in docs_dir.glob("validations/**/*.html")) + \
+        sorted(p.relative_to(docs_dir).as_posix() for p in docs_dir.glob("expectations/*.html"))
+    links = "".join(f"<li><a href='{html.escape(p)}'>{html.escape(p)}</a></li>" for p in pages)
+    verdict = "passed" if success else f"failed ({sum(1 for n in counts.values() if n)} expectation(s) with failing rows)"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(suite_name)}: data docs</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}tr.bad td{{background:#fde8e8}}
+tr.ok td:nth-child(2){{color:#2a7a2a}}</style></head><body>
+<h1>{html.escape(suite_name)}: {html.escape(verdict)}</h1>
+<table><tr><th>expectation</th><th>failing rows</th><th>bounds</th></tr>{rows}</table>
+<h2>Pages</h2><ul>{links}<li><a href="gx_index.html">gx_index.html</a> (great-expectations' own index; its
+list and styling need internet)</li></ul></body></html>
+"""
+    out = docs_dir / "index.html"
+    out.write_text(page, encoding="utf-8")
+    return out
 
 
 def _present(value: Any) -> bool:

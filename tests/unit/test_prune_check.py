@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -38,4 +39,10 @@ def test_each_bad_fit_rejected_with_reason(tmp_path):
     assert "degenerate scale 5" in reasons["huge_scale"]
     assert "80% of the Gaussians are transparent" in reasons["transparent"]
     assert "reach 7.50" in reasons["flown_away"]
-    assert (tmp_path / "docs" / "index.html").exists()
+    index = (tmp_path / "docs" / "index.html").read_text()
+    # readable offline: no script or style from a CDN; the failing expectations and the pages are listed
+    assert "<script" not in index and not re.search(r"(src|href)=['\"]https?://", index)
+    assert re.search(r"expect_column_values_to_be_between\(n_gaussians\)</code></td><td>1</td>", index)
+    pages = re.findall(r"href='([^']+)'", index)
+    assert any(p.startswith("validations/") for p in pages) and all((tmp_path / "docs" / p).exists() for p in pages)
+    assert (tmp_path / "docs" / "gx_index.html").exists()
