@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("metrics", help="the stages' metrics/*.json in a few lines (dvc metrics show is one wide table)",
+                       description="Per stage (pipeline order) its top-level numbers; for evaluate, both-right "
+                       "accuracy with its 95 % interval per source (generated, ceiling, floor) and split.")
+    p.add_argument("--dir", default="metrics", help="metrics folder (default: %(default)s)")
+    p.add_argument("--all", action="store_true", help="every key, flattened, one per line")
+    p.set_defaults(fn=lambda a: print(__import__("gaussian_atlas.reports", fromlist=["x"]).metrics_summary(a.dir, a.all)))
     return ap
 
 

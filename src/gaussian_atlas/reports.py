@@ -222,3 +222,50 @@ def gallery_headline(m: Mapping[str, Any]) -> dict[str, Any]:
         h[key] = (f"generated {c.get('generated')}, ceiling {c.get('ceiling')}, floor {c.get('floor')} ({c.get('model')})"
                   if c["status"] == "ok" else f"skipped: {c['reason']}")
     return h
+
+
+STAGE_ORDER = ("generate", "ingest", "fit", "prune_check", "atlas", "normalize", "pretrain2d", "train", "evaluate")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return f"[{v[0]:.2f}, {v[1]:.2f}]"
+    return str(v)
+
+
+def metrics_summary(metrics_dir: str | os.PathLike = "metrics", full: bool = False) -> str:
+    """The stages' ``metrics/*.json`` in a few lines a person reads (``gatlas metrics``).
+
+    Per stage (pipeline order) its top-level numbers; for ``evaluate``, both-right accuracy with its
+    95 % interval per source (generated, ceiling, floor) and split (seen, held out). ``full``: every
+    key, flattened (what ``dvc metrics show`` prints as one wide table).
+    """
+    import json
+
+    from .config import flatten
+
+    files = {p.stem: p for p in Path(metrics_dir).glob("*.json")}
+    if not files:
+        raise FileNotFoundError(f"no metrics in {metrics_dir}: run the pipeline first (make demo / dvc repro)")
+    lines = []
+    for stage in sorted(files, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s)):
+        m = json.loads(files[stage].read_text())
+        if full:
+            lines += [f"{stage}.{k} = {_short(v)}" for k, v in flatten(m).items()]
+            continue
+        top = {k: (v if not isinstance(v, str) or len(v) <= 60 else v[:57] + "...") for k, v in m.items()
+               if isinstance(v, (int, float, bool, str))}
+        lines.append(f"{stage:<12} " + ", ".join(f"{k}={_short(v)}" for k, v in top.items()))
+        if stage == "evaluate":
+            for src in ("generated", "ceiling", "floor"):
+                s = m.get(src)
+                if not isinstance(s, dict):
+                    continue
+                parts = [f"{split}: {_short(s[split]['both_accuracy'])} {_short(s[split].get('both_accuracy_ci95'))}"
+                         f" (n={s[split].get('n')})" for split in ("seen", "held_out")
+                         if isinstance(s.get(split), dict) and s[split].get("both_accuracy") is not None]
+                lines.append(f"{'':<12}   {src:<9} both right  " + ("; ".join(parts) or
+                                                                     f"{_short(s.get('both_accuracy'))}"))
+    return "\n".join(lines)

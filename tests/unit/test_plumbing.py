@@ -129,3 +129,23 @@ def test_cli_ingest_nerf_dataset(nerf_dataset, tmp_path):
     r = _gatlas("ingest", str(root), "--captions", str(caps), "--out", str(tmp_path / "o"), "--min-views", "4")
     assert r.returncode == 0, r.stderr
     assert "5/5 accepted" in r.stdout
+
+
+def test_gatlas_metrics_prints_a_few_lines_per_stage(tmp_path, capsys):
+    import json
+
+    from gaussian_atlas.cli import main
+
+    (tmp_path / "fit.json").write_text(json.dumps({"psnr_mean": 25.123456, "channels": {"a": {"b": 1}}}))
+    ci = [0.25, 0.75]
+    split = {"seen": {"both_accuracy": 0.5, "both_accuracy_ci95": ci, "n": 8},
+             "held_out": {"both_accuracy": 0.25, "both_accuracy_ci95": [0.0, 0.5], "n": 4}}
+    (tmp_path / "evaluate.json").write_text(json.dumps({"n_prompts": 3, "generated": split, "floor": split}))
+    (tmp_path / "generate.json").write_text(json.dumps({"n_objects": 2}))
+    main(["metrics", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("generate") and out[1].startswith("fit") and out[2].startswith("evaluate")  # stage order
+    assert "psnr_mean=25.12" in out[1] and "channels" not in out[1]
+    assert "generated both right  seen: 0.5 [0.25, 0.75] (n=8); held_out: 0.25 [0.00, 0.50] (n=4)" in out[3]
+    main(["metrics", "--dir", str(tmp_path), "--all"])
+    assert "fit.channels.a.b = 1" in capsys.readouterr().out
