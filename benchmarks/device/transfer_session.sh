@@ -13,6 +13,8 @@ export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/gpu.txt 2>&1
 python3 -c 'import torch, diffusers, gsplat; print(torch.__version__, torch.version.cuda, diffusers.__version__, gsplat.__version__)' >> $W/gpu.txt 2>&1
 R="python3 /tmp/tree/benchmarks/transfer_run.py"
+# optional: the first atlas call's plane index on the GPU vs the CPU (benchmarks/bench_grid.py), while the GPU is idle
+[ -n "${GRID:-}" ] && setsid bash -c "python3 /tmp/tree/benchmarks/bench_grid.py --side 128 --json $W/grid_h200.json > $W/grid.log 2>&1" < /dev/null > /dev/null 2>&1 &
 A="${ARGS:-}"
 # gsplat's JIT build (unless prebuilt) beside the 3D data phase: its fit waits on the build's lock
 [ -z "$GSPLAT_PREBUILT" ] && setsid bash -c "MAX_JOBS=10 python3 -c 'from gsplat.cuda._backend import _C; print(_C)' > $W/build.log 2>&1; echo \$(( \$(date +%s) - $T0 )) > $W/built" < /dev/null > /dev/null 2>&1 &
