@@ -172,18 +172,47 @@ def stage_run(stage: str, params: dict[str, Any]) -> Iterator[Any]:
 PYFUNC_REQUIREMENTS = ("torch", "diffusers", "transformers", "numpy", "pandas", "plyfile")
 
 
-def register_model(model: Path, name: str) -> None:
+def model_signature(sample: Any) -> Any:
+    """The registered model's MLflow signature: the columns ``predict`` returns and a params schema
+    (``out_dir``, ``steps``, ``guidance``, ``batch_size``, ``seed``) whose defaults are ``sample`` (a
+    :class:`gaussian_atlas.sample.SampleConfig`). No input schema: MLflow would refuse a plain list of prompts
+    before ``predict`` sees it; ``predict`` checks its input itself (``gaussian_atlas/atlas_pyfunc.py``)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from gaussian_atlas.atlas_pyfunc import OUTPUT_COLUMNS, param_defaults
+
+    dtype = {str: "string", int: "long", float: "double"}
+    return ModelSignature(outputs=Schema([ColSpec(t, name) for name, t in OUTPUT_COLUMNS.items()]),
+                          params=ParamSchema([ParamSpec(k, dtype[type(v)], v)
+                                              for k, v in param_defaults(sample).items()]))
+
+
+def register_model(model: Path, name: str, sample: Any) -> Any:
     """Log a model folder to the active run as an MLflow pyfunc (models-from-code:
-    ``src/gaussian_atlas/atlas_pyfunc.py``, with the library as its code) and register it as ``name``."""
+    ``src/gaussian_atlas/atlas_pyfunc.py``, with the library as its code) with :func:`model_signature` of
+    ``sample`` (the train stage: ``params.yaml: evaluate.sample``) and register it as ``name``; returns
+    MLflow's ``ModelInfo``.
+
+    No input example: MLflow validates one by running ``predict``, i.e. by sampling the model and writing PLYs.
+    """
+    import warnings
+
     import mlflow
     from importlib.metadata import version
 
+    from gaussian_atlas.atlas_pyfunc import INPUT_DOC
+
     lib = ROOT / "src" / "gaussian_atlas"
-    info = mlflow.pyfunc.log_model(name="model", python_model=str(lib / "atlas_pyfunc.py"),
-                                   artifacts={"model_dir": str(model)},
-                                   pip_requirements=[f"{d}=={version(d)}" for d in PYFUNC_REQUIREMENTS],
-                                   code_paths=[str(lib)], registered_model_name=name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(lib / "atlas_pyfunc.py"),
+                                       artifacts={"model_dir": str(model)}, signature=model_signature(sample),
+                                       metadata={"input": INPUT_DOC},
+                                       pip_requirements=[f"{d}=={version(d)}" for d in PYFUNC_REQUIREMENTS],
+                                       code_paths=[str(lib)], registered_model_name=name)
     print(f"train: registered {name!r} version {info.registered_model_version} ({info.model_uri})")
+    return info
 
 
 def main_guard(fn) -> None:

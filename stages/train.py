@@ -10,7 +10,8 @@ self-contained), the EMA model at the steps of ``train.snapshots`` (``<out>/snap
 same layout), ``metrics/train.json``; logs losses, learning rate and samples/s per
 step, preview samples every ``train.sample_every`` steps (``samples/step_*.png``) to MLflow,
 and logs the model folder as an MLflow pyfunc registered under ``mlflow.registered_model``
-(``gaussian_atlas/atlas_pyfunc.py``: prompts in, PLYs out).
+(``gaussian_atlas/atlas_pyfunc.py``: a list of prompts or a DataFrame with a ``prompt`` column in, PLYs out;
+params ``out_dir``, ``steps``, ``guidance``, ``batch_size``, ``seed``, defaulting to ``params.yaml: evaluate.sample``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def body(run: StageRun) -> StageResult | None:
     atlas_section = {k: v for k, v in (params.get("atlas") or {}).items() if k not in ("batch_objects", "device")}
     atlas_cfg = from_dict(AtlasConfig, atlas_section, "params.yaml: atlas")
     cfg = from_dict(TrainConfig, train_section(params, atlas_cfg.side), "params.yaml: train", complete=True)
+    sample = sample_config(params) if register else None  # a config error fails before training, not after
     data = load_train_data(args.atlas, args.stats, args.ingested, atlas_cfg, cfg.render_resolution)
     out = Path(args.out)
     if int(os.environ.get("RANK", "0")) != 0:  # other ranks of `accelerate launch`/torchrun: train, log nothing
@@ -49,14 +51,25 @@ def body(run: StageRun) -> StageResult | None:
     model = package_model(out / "model", args.stats, atlas_cfg)  # self-contained: statistics + atlas layout
     for snap in sorted((out / "snapshots").glob("step-*")):  # train.snapshots: the EMA model over training
         package_model(snap, args.stats, atlas_cfg)
-    if register:
-        register_model(model, register)
+    if register:  # its predict params default to the sampler the evaluate stage scores it with
+        register_model(model, register, sample)
     return StageResult({k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))},
                        f"train: {summary['step']} steps, last loss {summary.get('last_loss', float('nan')):.4f}, "
                        f"{summary['samples_per_second']:.1f} samples/s -> {model}",
                        artifacts=[] if register else [(model, "model")],
                        mlflow_metrics={"samples_per_second": summary["samples_per_second"],
                                        "train_seconds": summary["seconds"]})
+
+
+def sample_config(params: dict):
+    """``params.yaml: evaluate.sample`` (every key given): the defaults of the registered model's predict params."""
+    from gaussian_atlas.config import from_dict
+    from gaussian_atlas.sample import SampleConfig
+
+    section = (params.get("evaluate") or {}).get("sample")
+    if section is None:
+        raise StageError("params.yaml: no evaluate.sample section (the registered model's sampler defaults)")
+    return from_dict(SampleConfig, section, "params.yaml: evaluate.sample", complete=True)
 
 
 def train_section(params: dict, side: int) -> dict:

@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("atlas", help="build Gaussian Atlases from a folder of PLYs (e.g. GaussianVerse fittings)",
                        description="Turn 3DGS PLYs into atlases [16, S, S] in the atlas stage's layout "
                        "(atlases/<shard>/<id>.npz, index.parquet, quarantine.csv). With --layout gaussianverse it "
-                       "reads the GaussianVerse release (<id>/point_cloud.ply, 59 properties), so users of that "
-                       "dataset skip fitting.")
+                       "reads the GaussianVerse release (<id>/point_cloud.ply, SH degree 3, properties by name as the "
+                       "dataset authors' loader reads them), so users of that dataset skip fitting.")
     p.add_argument("plys", help="folder of PLYs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layout", choices=["inria", "gaussianverse"], default="inria")

@@ -30,9 +30,14 @@ INRIA (:func:`write_ply`, :func:`read_ply`)
     (Blender / NeRF-synthetic); viewers that assume +Y up show the object
     lying on its back.
 GaussianVerse (:func:`read_gaussianverse_ply`)
-    59 float properties per vertex, read by position: xyz ``0:3``, opacity
-    ``3`` (logit), SH degree-3 coefficients ``4:52`` (DC first, then the 45
-    higher-order ones), scale ``52:55`` (log), rotation ``55:59`` (w, x, y, z).
+    ``point_cloud.ply`` of the release, read **by name** as the dataset authors'
+    loader reads it (tiangexiang/3DGen-Playground,
+    ``dataloaders/standard_3dgen_loader.py``, ``load_ply``): the INRIA names
+    ``x y z opacity f_dc_0..2 f_rest_0..44 scale_0..2 rot_0..3`` (SH degree 3),
+    any order, other properties (normals) ignored. The loader's ``[N, 59]``
+    array (xyz ``0:3``, opacity ``3``, SH ``4:52`` channel-major with each
+    channel's DC first, so DC at ``4, 20, 36``, scale ``52:55``, rotation
+    ``55:59``) is built from those names; it is not the file's property order.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from .io import atomic_path
 __all__ = [
     "SH_C0",
     "INRIA_PROPERTIES",
-    "GAUSSIANVERSE_NUM_PROPERTIES",
+    "GAUSSIANVERSE_PROPERTIES",
     "PlyError",
     "Gaussians",
     "rgb_to_sh0",
@@ -76,8 +81,13 @@ INRIA_PROPERTIES: tuple[str, ...] = (
 
 _REQUIRED = tuple(p for p in INRIA_PROPERTIES if p not in ("nx", "ny", "nz"))
 
-GAUSSIANVERSE_NUM_PROPERTIES = 59
-"""xyz 3 + opacity 1 + SH degree-3 48 + scale 3 + rotation 4."""
+GAUSSIANVERSE_PROPERTIES: tuple[str, ...] = (
+    "x", "y", "z", "opacity", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
+    "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3",
+)
+"""The 59 vertex properties the GaussianVerse authors' loader reads by name (SH degree 3: 45 ``f_rest_*``), in the
+order of the ``[N, 59]`` array it builds, except that it interleaves each colour channel's DC with its 15
+``f_rest_*``; a file may hold them in any order, and more (normals)."""
 
 _OPACITY_EPS = 1e-6
 
@@ -455,30 +465,37 @@ def _check_quats(path: Path, rot: np.ndarray) -> None:
 
 
 def read_gaussianverse_ply(path: str | os.PathLike) -> Gaussians:
-    """Read a GaussianVerse release PLY into float32 :class:`Gaussians` (DC colour only).
+    """Read a GaussianVerse fitting (``<id>/point_cloud.ply``) into float32 :class:`Gaussians` (DC colour only).
 
-    The vertex element must have exactly 59 float properties, read **by
-    position** (their names vary between releases): xyz ``0:3``, opacity
-    ``3`` (logit), SH degree-3 coefficients ``4:52`` — DC ``4:7`` kept, the 45
-    higher-order ones ``7:52`` ignored — scale ``52:55`` (log) and rotation
-    ``55:59`` (w, x, y, z).
+    Properties are found **by name**, as the dataset authors' loader finds them
+    (tiangexiang/3DGen-Playground, ``dataloaders/standard_3dgen_loader.py``, ``load_ply``:
+    ``x y z``, ``opacity``, ``f_dc_0..2``, every ``f_rest_*`` sorted by index and reshaped to
+    ``(3, 15)``, every ``scale_*`` and ``rot*`` sorted by index): :data:`GAUSSIANVERSE_PROPERTIES`, in
+    any order; other properties (``nx ny nz``) are ignored. Values are pre-activation, as that
+    loader's renderer reads them (``utils/gsplat_render_util.py``: sigmoid of opacity, exp of
+    scale, normalised quaternion w, x, y, z). The 45 higher-order SH coefficients must be there
+    (SH degree 3, what the loader's reshape needs) but are not kept nor checked.
 
     Raises
     ------
     PlyError
-        With the file name and the problem, as :func:`read_ply` (a wrong
-        property count is "expected 59 vertex properties ..., found k").
+        With the file name and the problem, as :func:`read_ply`; a file that is not SH degree 3 is
+        "expected 45 f_rest_* properties (SH degree 3, as GaussianVerse fittings are), found k".
     """
     path = Path(path)
     props, table = _read_vertex(path)
-    if len(props) != GAUSSIANVERSE_NUM_PROPERTIES:
-        raise PlyError(
-            f"{path}: expected {GAUSSIANVERSE_NUM_PROPERTIES} vertex properties "
-            f"(xyz 3, opacity 1, SH degree-3 48, scale 3, rotation 4), found {len(props)}"
-        )
-    used = np.r_[0:7, 52:59]  # the higher-order SH columns are ignored, so not checked
-    _check_finite(path, table[:, used])
-    rot = table[:, 55:59]
+    missing = [p for p in GAUSSIANVERSE_PROPERTIES if p not in props and not p.startswith("f_rest_")]
+    if missing:
+        raise PlyError(f"{path}: missing properties {missing}")
+    rest = [p for p in props if p.startswith("f_rest_")]
+    if sorted(rest) != sorted(p for p in GAUSSIANVERSE_PROPERTIES if p.startswith("f_rest_")):
+        raise PlyError(f"{path}: expected 45 f_rest_* properties f_rest_0..44 (SH degree 3, as GaussianVerse "
+                       f"fittings are), found {len(rest)}")
+    col = {p: j for j, p in enumerate(props)}
+    pick = lambda names: table[:, [col[p] for p in names]]  # noqa: E731
+    _check_finite(path, pick([p for p in GAUSSIANVERSE_PROPERTIES if not p.startswith("f_rest_")]))
+    rot = pick(["rot_0", "rot_1", "rot_2", "rot_3"])
     _check_quats(path, rot)
-    return _from_columns(xyz=table[:, 0:3], opacity=table[:, 3], dc=table[:, 4:7], scale=table[:, 52:55],
+    return _from_columns(xyz=pick(["x", "y", "z"]), opacity=table[:, col["opacity"]],
+                         dc=pick(["f_dc_0", "f_dc_1", "f_dc_2"]), scale=pick(["scale_0", "scale_1", "scale_2"]),
                          rot=rot, visibility=None)

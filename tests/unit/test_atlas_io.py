@@ -58,15 +58,20 @@ def test_broken_plys_quarantined_rest_written_and_resume(tmp_path):
 
 
 def test_cli_atlas_gaussianverse_layout(tmp_path):
+    """``--layout gaussianverse`` reads ``<id>/point_cloud.ply`` with the INRIA names at SH degree 3, as the
+    dataset authors' loader does (see tests/unit/test_gaussians.py), normals included."""
     from plyfile import PlyData, PlyElement
 
+    names = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(45)]
+             + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
     for k in range(2):
         g = _g(40, k)
-        cols = [g.means, g.opacity_logits[:, None], g.sh0, torch.zeros(40, 45), g.log_scales, g.quats]
-        data = torch.cat(cols, 1).numpy().astype(np.float32)  # [40, 59]
-        rec = np.zeros(40, dtype=[(f"p{i}", "f4") for i in range(59)])
-        for i in range(59):
-            rec[f"p{i}"] = data[:, i]
+        cols = [g.means, torch.zeros(40, 3), g.sh0, torch.zeros(40, 45), g.opacity_logits[:, None], g.log_scales,
+                g.quats]
+        data = torch.cat(cols, 1).numpy().astype(np.float32)  # [40, 62]
+        rec = np.zeros(40, dtype=[(n, "f4") for n in names])
+        for i, n in enumerate(names):
+            rec[n] = data[:, i]
         (tmp_path / "gv" / f"obj{k}").mkdir(parents=True)
         PlyData([PlyElement.describe(rec, "vertex")]).write(str(tmp_path / "gv" / f"obj{k}" / "point_cloud.ply"))
     exe = Path(sys.executable).with_name("gatlas")

@@ -220,28 +220,103 @@ def test_read_errors_name_file_and_problem(tmp_path):
 
 
 # ---- GaussianVerse layout ---------------------------------------------------------------
+#
+# The reference is the dataset authors' public loader, tiangexiang/3DGen-Playground:
+#   dataloaders/standard_3dgen_loader.py (commit 65c7437d), ``load_ply(path)``: reads the vertex properties BY NAME
+#     with plyfile: ``x y z``, ``opacity``, ``f_dc_0..2``, every ``f_rest_*`` sorted by its index and reshaped to
+#     (N, 3, 15), every ``scale_*`` and every ``rot*`` sorted by index; it returns the float32 array
+#     ``concat(xyz, opacity, concat(f_dc[:, :, None], f_rest(N, 3, 15), -1).reshape(N, 48), scales, rots)`` of
+#     width 59, so each colour channel's DC is followed by that channel's 15 higher-order coefficients: DC at
+#     columns 4, 20, 36.
+#   utils/gsplat_render_util.py (commit 16a20e25), ``_point_clouds_to_gsplat_inputs``: reads that array as
+#     opacity = sigmoid(col 3), SH = cols 4:52 reshaped (3, 16) with DC = [..., 0], scales = exp(cols 52:55),
+#     quats = normalised cols 55:59 (gsplat's w, x, y, z).
+# So the file holds INRIA-named properties (59 of them, in any order; the usual 3DGS ``save_ply`` adds normals:
+# 62), and "59 columns" is the width of the loader's array, not a property order to read by position.
 
-def _gaussianverse_rows(g: Gaussians, rest: np.ndarray) -> np.ndarray:
-    return np.concatenate([g.means, g.opacity_logits[:, None], g.sh0, rest, g.log_scales, g.quats], axis=1)
+_INRIA_SH3 = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(45)]
+              + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
+"""The property order of a 3DGS ``save_ply`` at SH degree 3 (INRIA), normals included: 62 properties."""
 
 
-def test_read_gaussianverse_layout_by_position(tmp_path):
+def _sh3_columns(g: Gaussians, rest: np.ndarray) -> dict[str, np.ndarray]:
+    """Property name -> values of an SH degree-3 fitting (``rest`` [N, 45], INRIA's channel-major f_rest_*)."""
+    n = len(g)
+    cols = {"x": g.means[:, 0], "y": g.means[:, 1], "z": g.means[:, 2], "nx": np.zeros(n), "ny": np.zeros(n),
+            "nz": np.zeros(n), "opacity": g.opacity_logits}
+    cols.update({f"f_dc_{c}": g.sh0[:, c] for c in range(3)})
+    cols.update({f"f_rest_{i}": rest[:, i] for i in range(45)})
+    cols.update({f"scale_{c}": g.log_scales[:, c] for c in range(3)})
+    cols.update({f"rot_{c}": g.quats[:, c] for c in range(4)})
+    return {k: np.asarray(v, dtype=np.float32) for k, v in cols.items()}
+
+
+def _write_named(path: Path, cols: dict[str, np.ndarray], order: list[str]) -> Path:
+    return _write_vertex(path, order, np.stack([cols[k] for k in order], axis=1))
+
+
+def _authors_load_ply(path: Path) -> np.ndarray:
+    """``load_ply`` of dataloaders/standard_3dgen_loader.py, step by step (see the comment above): ``[N, 59]``."""
+    v = PlyData.read(str(path)).elements[0]
+    names = [p.name for p in v.properties]
+    def by_index(prefix: str) -> list[str]:
+        return sorted((n for n in names if n.startswith(prefix)), key=lambda x: int(x.split("_")[-1]))
+
+    xyz = np.stack([np.asarray(v[a]) for a in ("x", "y", "z")], axis=1)
+    opacities = np.asarray(v["opacity"])[..., None]
+    features_dc = np.zeros((len(xyz), 3, 1))
+    for c in range(3):
+        features_dc[:, c, 0] = np.asarray(v[f"f_dc_{c}"])
+    extra = np.stack([np.asarray(v[n]) for n in by_index("f_rest_")], axis=1).reshape(len(xyz), 3, 15)
+    scales = np.stack([np.asarray(v[n]) for n in by_index("scale_")], axis=1)
+    rots = np.stack([np.asarray(v[n]) for n in by_index("rot")], axis=1)
+    features = np.concatenate((features_dc, extra), axis=-1).reshape(len(xyz), -1)
+    return np.concatenate((xyz, opacities, features, scales, rots), axis=1).astype(np.float32)
+
+
+def _gaussians_of_loader_array(a: np.ndarray) -> Gaussians:
+    """What utils/gsplat_render_util.py reads from the loader's array (pre-activation; DC = SH[..., 0])."""
+    sh = a[:, 4:52].reshape(len(a), 3, 16)
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # noqa: E731
+    return Gaussians(means=t(a[:, 0:3]), quats=t(a[:, 55:59]), log_scales=t(a[:, 52:55]), opacity_logits=t(a[:, 3]),
+                     sh0=t(sh[:, :, 0]))
+
+
+def test_read_gaussianverse_as_the_authors_loader_reads_it(tmp_path):
+    """A fitting written the way the GaussianVerse authors' loader reads it (INRIA names, SH degree 3, with and
+    without normals, in the 3DGS order and shuffled) gives the Gaussians that loader's columns hold."""
     g = _random(30, seed=4)
     rest = np.random.default_rng(0).normal(size=(30, 45))
-    rows = _gaussianverse_rows(g, rest)
-    assert rows.shape == (30, 59)
-    names = [f"attr_{i}" for i in range(59)]  # names are not used
-    h = read_gaussianverse_ply(_write_vertex(tmp_path / "gv.ply", names, rows))
-    _assert_same(h, g)
-    # an INRIA file is not GaussianVerse
-    with pytest.raises(PlyError, match=r"inria\.ply: expected 59 vertex properties .* found 17"):
+    cols = _sh3_columns(g, rest)
+    no_normals = [k for k in _INRIA_SH3 if k not in ("nx", "ny", "nz")]
+    shuffled = list(np.random.default_rng(1).permutation(_INRIA_SH3))
+    for name, order in [("save_ply", _INRIA_SH3), ("no_normals", no_normals), ("shuffled", shuffled)]:
+        path = _write_named(tmp_path / f"{name}.ply", cols, order)
+        ref = _authors_load_ply(path)
+        assert ref.shape == (30, 59)
+        assert np.array_equal(ref[:, [4, 20, 36]], g.sh0.numpy())  # DC columns of the loader's array
+        h = read_gaussianverse_ply(path)
+        _assert_same(h, _gaussians_of_loader_array(ref))
+        _assert_same(h, g)
+
+
+def test_read_gaussianverse_refuses_what_the_authors_loader_cannot_read(tmp_path):
+    g = _random(30, seed=4)
+    rest = np.random.default_rng(0).normal(size=(30, 45))
+    cols = _sh3_columns(g, rest)
+    # properties without the INRIA names: the loader looks them up by name, so neither do we read them by position
+    rows = np.concatenate([g.means, g.opacity_logits[:, None], g.sh0, rest, g.log_scales, g.quats], axis=1)
+    with pytest.raises(PlyError, match=r"nameless\.ply: missing properties \['x', 'y', 'z', 'opacity'"):
+        read_gaussianverse_ply(_write_vertex(tmp_path / "nameless.ply", [f"attr_{i}" for i in range(59)], rows))
+    # an SH degree-0 INRIA file is not a GaussianVerse fitting (the loader's reshape to (3, 15) fails on it)
+    with pytest.raises(PlyError, match=r"inria\.ply: expected 45 f_rest_\* properties .* found 0"):
         read_gaussianverse_ply(write_ply(tmp_path / "inria.ply", g))
-    bad = rows.copy()
-    bad[3, 53] = np.nan  # a scale
+    bad = dict(cols, scale_1=cols["scale_1"].copy())
+    bad["scale_1"][3] = np.nan
     with pytest.raises(PlyError, match=r"gvbad\.ply: 1 rows contain NaN/inf"):
-        read_gaussianverse_ply(_write_vertex(tmp_path / "gvbad.ply", names, bad))
+        read_gaussianverse_ply(_write_named(tmp_path / "gvbad.ply", bad, _INRIA_SH3))
     with pytest.raises(PlyError, match=r"gv0\.ply: zero Gaussians"):
-        read_gaussianverse_ply(_write_vertex(tmp_path / "gv0.ply", names, rows[:0]))
-    # NaN in the ignored higher-order SH columns does not matter
-    rest[0, 0] = np.nan
-    read_gaussianverse_ply(_write_vertex(tmp_path / "gvrest.ply", names, _gaussianverse_rows(g, rest)))
+        read_gaussianverse_ply(_write_named(tmp_path / "gv0.ply", {k: v[:0] for k, v in cols.items()}, _INRIA_SH3))
+    # NaN in the ignored higher-order SH coefficients does not matter
+    nan_rest = dict(cols, f_rest_0=np.full(30, np.nan, np.float32))
+    _assert_same(read_gaussianverse_ply(_write_named(tmp_path / "gvrest.ply", nan_rest, _INRIA_SH3)), g)
