@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # e.g. `make demo TORCH_SPEC="torch>=2.4"` to keep the CUDA build pip resolves.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make serve` schedule; empty: params.yaml flow.cron (nightly, 03:00)
+CRON ?=
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -16,7 +18,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install demo test ui clean-outputs
+.PHONY: help install demo test ui serve clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +43,9 @@ test: install  ## set up, then run the test suite (CPU)
 
 ui:  ## open the MLflow UI on 127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+serve: install  ## scheduled retrains: a local Prefect server + `flows.pipeline serve` (CRON="0 3 * * *"); Ctrl-C stops both
+	BIN=$(BIN) CRON="$(CRON)" bash flows/serve.sh
 
 clean-outputs:  ## remove pipeline outputs (data/, metrics/, reports/); the MLflow store is kept
 	rm -rf data metrics reports

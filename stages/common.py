@@ -230,6 +230,107 @@ def main_guard(fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The workspace lock: at most one pipeline run per workspace, and no stage beside it
+
+LOCK_FILE = Path(".dvc") / "tmp" / "gatlas.lock"
+LOCK_ENV = "GATLAS_WORKSPACE_LOCK"  # the token of the pipeline run that holds the lock, for the stages it starts
+
+
+class WorkspaceBusy(RuntimeError):
+    """The workspace lock is held by another process; ``holder`` is what a pipeline run holding it wrote there
+    (``what``, ``pid``, ``host``, ``started``, ``token``; empty when stages hold it)."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]) -> None:
+        self.path, self.holder = path, holder
+        super().__init__(f"{describe_holder(holder)} holds {path}")
+
+
+def lock_holder(path: str | os.PathLike) -> dict[str, Any]:
+    """What the pipeline run that last took the lock at ``path`` exclusively wrote there ({} when none did)."""
+    import json
+
+    try:
+        holder = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else {}
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a stage (`dvc repro` or run by hand)"
+    what = f"{holder.get('what', 'a pipeline run')} (pid {holder['pid']} on {holder.get('host', '?')}, " \
+           f"started {holder.get('started', '?')})"
+    if holder.get("host") == socket.gethostname() and not _alive(holder["pid"]):
+        return f"a process left by {what[:-1]}, now gone)"  # e.g. its `dvc repro`, which inherits the lock
+    return what
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | os.PathLike, what: str, *, shared: bool = False, wait: float = 1.0
+                   ) -> Iterator[tuple[str, int]]:
+    """Hold the workspace lock ``<root>/.dvc/tmp/gatlas.lock`` (``fcntl.flock``: the kernel releases it when the
+    holder dies, even by ``kill -9``); yields ``(token, fd)``.
+
+    A pipeline run takes it exclusively and writes ``what``, its pid, host, start time and a fresh ``token`` into
+    the file; a stage takes it shared (stages may run side by side: DVC's own locks order them). Raises
+    :class:`WorkspaceBusy` naming the holder when the lock is not free within ``wait`` seconds (exclusive only;
+    a shared request never waits).
+    """
+    import fcntl
+    import json
+    import uuid
+
+    path = Path(root) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + (0.0 if shared else wait)
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WorkspaceBusy(path, lock_holder(path)) from None
+                time.sleep(0.05)
+        token = uuid.uuid4().hex
+        if shared:
+            if os.fstat(fd).st_size:  # the text of an exclusive holder that is gone: no one holds it exclusively now
+                os.ftruncate(fd, 0)
+        else:
+            info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": token}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            yield token, fd
+        finally:
+            if not shared:
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def hold_workspace(stage: str, stack: contextlib.ExitStack) -> None:
+    """Hold the workspace lock shared while ``stage`` runs in a DVC workspace (the working directory holds
+    ``.dvc``: where ``dvc repro`` runs a stage). A stage refuses to run beside a pipeline run, except a
+    stage that pipeline run started itself (its token in ``GATLAS_WORKSPACE_LOCK``). Ranks other than 0 of a
+    DDP launch run under their rank 0."""
+    root = Path.cwd()
+    if not (root / ".dvc").is_dir() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        stack.enter_context(workspace_lock(root, f"stage {stage}", shared=True))
+    except WorkspaceBusy as busy:
+        token = os.environ.get(LOCK_ENV)
+        if token and busy.holder.get("token") == token:
+            return  # started by the pipeline run that holds the lock
+        raise StageError(f"{stage}: {busy}; a stage does not run beside a pipeline run in the same workspace: "
+                         f"wait for it to finish (or stop it), then rerun") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The stage skeleton
 
 Artifact = Union[str, os.PathLike, tuple[Union[str, os.PathLike], str]]
@@ -398,6 +499,7 @@ def run_stage(name: str, body: Callable[[StageRun], StageResult | None], argv: l
 
     args = stage_parser(name, doc, flags).parse_args(argv)
     with contextlib.ExitStack() as stack:
+        hold_workspace(name, stack)
         run = StageRun(name, args, stack)
         result = body(run)
         if result is None:

@@ -14,11 +14,18 @@ Runners (``params.yaml: fit.runner``):
   to a running cluster (``dask scheduler`` + one ``dask worker --nthreads 1`` per
   GPU, each started with its own ``CUDA_VISIBLE_DEVICES``), otherwise it starts a
   local cluster of ``fit.workers`` worker processes.
+
+A configured Prefect API (``PREFECT_API_URL``, from the environment or the active
+profile) is used when it answers, so a stage run by a served pipeline shows its fan-out
+on that server. When it does not answer (a server that was stopped, an URL left in the
+profile by ``prefect config set``), the fan-out says so and runs on a temporary local
+server instead of failing with ``Failed to reach API``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 from stages.common import telemetry_off
 
@@ -43,6 +50,35 @@ def make_task_runner(runner: str, workers: int, address: str | None = None) -> A
     raise ValueError(f"unknown runner {runner!r}; use 'threads' or 'dask'")
 
 
+def unreachable_api(timeout: float = 3.0) -> str | None:
+    """Why the configured Prefect API cannot be reached; None when it answers or none is configured (then
+    Prefect starts a temporary local server)."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:  # it answered (e.g. a server that wants a key): reachable
+        return None
+    except (OSError, ValueError) as exc:
+        return f"PREFECT_API_URL={url} does not answer ({getattr(exc, 'reason', None) or exc})"
+    return None
+
+
+@contextlib.contextmanager
+def without_api() -> Iterator[None]:
+    """Prefect settings without an API URL: flows run on a temporary local server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
 @task(name="chunk", task_run_name="{name}", retries=1, retry_delay_seconds=5)
 def run_chunk(fn: Callable[..., list[dict[str, Any]]], name: str, args: tuple, kwargs: dict) -> list[dict[str, Any]]:
     """One coarse unit of work: ``fn(*args, **kwargs)`` returning result rows."""
@@ -64,4 +100,9 @@ def fan_out(fn: Callable[..., list[dict[str, Any]]], chunks: Sequence[tuple[str,
             rows.extend(f.result())
         return rows
 
-    return _fan_out()
+    problem = unreachable_api()
+    if problem:
+        print(f"note: {problem}; the fan-out runs on a temporary local Prefect server instead "
+              f"(start that server, or unset PREFECT_API_URL: `prefect config unset PREFECT_API_URL`)")
+    with without_api() if problem else contextlib.nullcontext():
+        return _fan_out()
