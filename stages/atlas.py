@@ -47,9 +47,12 @@ def body(run: StageRun) -> StageResult:
               "split": splits.get(r.id, "train")} for r in accepted.itertuples(index=False)]
     out = Path(args.out)
 
+    print(f"atlas: {len(items)} accepted fits -> atlases [16, {cfg.side}, {cfg.side}], layout {cfg.layout}, "
+          f"on {device}", flush=True)
     run.start({**to_dict(cfg), "batch_objects": batch, "device": device})
     atlas_grid(cfg, device)  # once per N (or atlas.grid's file), then cached
     t_grid = run.elapsed()
+    print(f"atlas: plane index ready in {t_grid:.1f} s", flush=True)
     rows, quarantine = write_atlases(items, cfg, out, device=device, batch=batch)
     seconds = run.elapsed()
     index, q = write_atlas_tables(out, rows, quarantine)
