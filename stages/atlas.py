@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import StageError, StageResult, StageRun, main_guard, pick_device, stage_main
+from gaussian_atlas.config import resolve_device
+from stages.common import StageError, StageResult, StageRun, main_guard, stage_main
 
 FLAGS = [("--fits", "data/fits", "fit output folder"),
          ("--accepted", "data/prune_check/accepted.csv", "accepted fits"),
@@ -35,7 +36,7 @@ def body(run: StageRun) -> StageResult:
     args = run.args
     section = dict(run.params("atlas"))
     batch = int(section.pop("batch_objects", 8))
-    device = pick_device(section.pop("device", "auto"))
+    device = resolve_device(section.pop("device", "auto"))
     cfg = from_dict(AtlasConfig, section, "params.yaml: atlas", complete=True)
     if not Path(args.accepted).exists():
         raise StageError(f"no accepted fits at {args.accepted}: run prune_check first")

@@ -400,13 +400,6 @@ def nested_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
-def pick_device(device: str = "auto") -> str:
-    """:func:`gaussian_atlas.config.resolve_device`."""
-    from gaussian_atlas.config import resolve_device
-
-    return resolve_device(device)
-
-
 class StageRun:
     """What a stage body gets: its parsed flags (``args``), its params, and the MLflow run it opens with
     :meth:`start` once its config is known (a config error fails before any run exists)."""

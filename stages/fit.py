@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.common import StageError, StageResult, StageRun, main_guard, pick_device, stage_main
+from gaussian_atlas.config import resolve_device
+from stages.common import StageError, StageResult, StageRun, main_guard, stage_main
 
 if TYPE_CHECKING:
     from gaussian_atlas.fit import FitConfig
@@ -53,7 +54,7 @@ def body(run: StageRun) -> StageResult:
 
     args = run.args
     cfg, runner = fit_config(run.params("fit"))
-    device = pick_device(runner.get("device", "auto"))
+    device = resolve_device(runner.get("device", "auto"))
     if device == "cpu":  # parallel chunks share the cores instead of fighting over them
         import os
 

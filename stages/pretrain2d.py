@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import StageError, StageResult, StageRun, main_guard, pick_device, stage_main
+from gaussian_atlas.config import resolve_device
+from stages.common import StageError, StageResult, StageRun, main_guard, stage_main
 
 FLAGS = [("--images", "data/pretrain2d", "rendered 2D set"),
          ("--out", "models/prior2d", "checkpoints + model folder"),
@@ -88,7 +89,7 @@ def body(run: StageRun) -> StageResult:
     prompts = sample_prompts(params, captions)
     pics = sample_images(Path(args.out) / "model", prompts, list(range(len(prompts))),
                          steps=int(params["train"].get("sample_steps", 20)),
-                         guidance=float(params["train"].get("sample_guidance", 3.5)), device=pick_device())
+                         guidance=float(params["train"]["sample_guidance"]), device=resolve_device())
     sheet = gio.write_png(Path(args.reports) / "samples.png", image_sheet(pics, prompts, ncols=8))
     metrics = {"n_images": len(images), "n_objects": rendered["n_objects"], "render_seconds": round(t_render, 2),
                **{k: round(v, 6) for k, v in summary.items() if isinstance(v, (int, float))}}

@@ -95,6 +95,12 @@ def cmd_atlas(args: argparse.Namespace) -> None:
           f"({out / 'quarantine.csv'}); next: python -m stages.normalize --atlas {out}")
 
 
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from .reports import metrics_summary
+
+    print(metrics_summary(args.dir, args.all))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .evaluate import slug
     from .reports import write_sample
@@ -204,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "accuracy with its 95 % interval per source (generated, ceiling, floor) and split.")
     p.add_argument("--dir", default="metrics", help="metrics folder (default: %(default)s)")
     p.add_argument("--all", action="store_true", help="every key, flattened, one per line")
-    p.set_defaults(fn=lambda a: print(__import__("gaussian_atlas.reports", fromlist=["x"]).metrics_summary(a.dir, a.all)))
+    p.set_defaults(fn=cmd_metrics)
     return ap
 
 
