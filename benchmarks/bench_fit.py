@@ -15,7 +15,7 @@ DIR holds render folders (NeRF-synthetic layout, e.g. made by `gatlas procedural
     fitter (fit.method: anchors), same tau and the same wall-clock budget per object (``--budget`` s):
     each method's step count is calibrated to the budget (two short timed fits), its refinement
     schedule scaled to those steps, and ``max_seconds`` stops it at the budget. On ``--compare-objects``
-    procedural objects and on every render folder under ``--meshes`` (``--make-meshes DIR`` builds 4
+    procedural objects and on every render folder under ``--meshes`` (``--make-meshes DIR`` builds 6
     demo meshes with trimesh and renders them through ``gatlas render-mesh`` into DIR first):
     held-out PSNR / SSIM, Gaussian count, steps, seconds per object; anchors - plain printed.
 
@@ -97,7 +97,60 @@ MESHES = {  # id: caption (built by demo_meshes)
     "chair": "a wooden chair with a red seat",
     "bumpy_ball": "a bumpy multicoloured ball",
     "star_prism": "a yellow star-shaped prism",
+    "globe": "a globe with a blue and white checkered texture",  # UV-textured (GLB)
+    "donut": "a striped donut with a printed texture",  # UV-textured (GLB)
 }
+
+
+def _uv_surface(xyz, n_u: int, n_v: int, texture: np.ndarray):
+    """A UV-textured mesh of the parametric surface ``xyz(u, v) -> [..., 3]`` on ``[0, 1]²``: a grid of
+    ``(n_u + 1) x (n_v + 1)`` vertices (the seam column duplicated, so UVs do not wrap), ``texture``
+    ``[H, W, 3]`` uint8 as its PBR base colour (what a GLB carries)."""
+    import trimesh
+    from PIL import Image
+    from trimesh.visual.material import PBRMaterial
+
+    u, v = np.meshgrid(np.linspace(0, 1, n_u + 1), np.linspace(0, 1, n_v + 1), indexing="ij")  # [n_u+1, n_v+1]
+    verts = xyz(u, v).reshape(-1, 3)
+    idx = np.arange((n_u + 1) * (n_v + 1)).reshape(n_u + 1, n_v + 1)
+    a, b, c, d = idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]
+    faces = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+    mesh = trimesh.Trimesh(verts, faces, process=False)
+    mesh.visual = trimesh.visual.TextureVisuals(uv=np.stack([u, v], -1).reshape(-1, 2),
+                                                material=PBRMaterial(baseColorTexture=Image.fromarray(texture)))
+    return mesh
+
+
+def textured_meshes(out: Path) -> dict[str, Path]:
+    """Two UV-textured meshes (GLB, +Z up coordinates): a checkered globe and a striped donut."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    # a globe: 8 x 16 checker of blue / white, a red band at the equator
+    h, w = 128, 256
+    r, c = np.mgrid[0:h, 0:w]
+    tex = np.where(((r // 16) + (c // 16)) % 2 == 0, 1, 0)[..., None] * np.array([30, 70, 200]) + \
+        np.where(((r // 16) + (c // 16)) % 2 == 1, 1, 0)[..., None] * np.array([240, 240, 235])
+    tex[(r > 60) & (r < 68)] = [200, 30, 30]
+
+    def sphere(u, v):  # u: longitude, v: latitude (0 = south pole)
+        th, ph = np.pi * v, 2 * np.pi * u
+        return np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), -np.cos(th)], -1)
+
+    paths["globe"] = out / "globe.glb"
+    _uv_surface(sphere, 64, 32, tex.astype(np.uint8)).export(paths["globe"])
+    # a donut: diagonal stripes of three colours around the tube
+    r, c = np.mgrid[0:128, 0:256]
+    palette = np.array([[230, 120, 170], [250, 230, 120], [90, 50, 30]])
+    tex = palette[((r + c) // 12) % 3]
+
+    def torus(u, v):  # u around the ring, v around the tube
+        a, b = 2 * np.pi * u, 2 * np.pi * v
+        rr = 1.0 + 0.4 * np.cos(b)
+        return np.stack([rr * np.cos(a), rr * np.sin(a), 0.4 * np.sin(b)], -1)
+
+    paths["donut"] = out / "donut.glb"
+    _uv_surface(torus, 96, 32, tex.astype(np.uint8)).export(paths["donut"])
+    return paths
 
 
 def demo_meshes(out: Path) -> dict[str, Path]:
@@ -154,18 +207,19 @@ def demo_meshes(out: Path) -> dict[str, Path]:
 
 
 def render_meshes(out: Path, resolution: int, views: int) -> None:
-    """Build :func:`demo_meshes` and render each through ``gatlas render-mesh`` into ``out/objects/<id>``."""
+    """Build :func:`demo_meshes` (vertex colours) and :func:`textured_meshes` (UV textures) and render each
+    through ``gatlas render-mesh`` into ``out/objects/<id>``."""
     import shutil
     import subprocess
 
     gatlas = Path(sys.executable).with_name("gatlas")
     cmd = [str(gatlas)] if gatlas.exists() else [shutil.which("gatlas") or "gatlas"]
-    for name, path in demo_meshes(out / "meshes").items():
+    for name, path in {**demo_meshes(out / "meshes"), **textured_meshes(out / "meshes")}.items():
         if (out / "objects" / name / "transforms.json").exists():
             continue
         subprocess.run(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
                               str(out / "objects" / name), "--resolution", str(resolution), "--views", str(views),
-                              "--ring", str(min(16, views))], check=True)
+                              "--ring", str(min(16, views)), "--up-axis", "z"], check=True)
 
 
 def compare_methods(sets: dict[str, list[FitInput]], cfg: FitConfig, methods: list[str], budget: float,
@@ -226,7 +280,7 @@ def main() -> None:
     ap.add_argument("--compare-objects", type=int, default=4, help="(d) procedural objects compared")
     ap.add_argument("--meshes", default=None, help="(d) also compare on the render folders under this folder")
     ap.add_argument("--make-meshes", default=None,
-                    help="(d) first build 4 demo meshes and render them with `gatlas render-mesh` into this folder")
+                    help="(d) first build 6 demo meshes (2 UV-textured) and render them with `gatlas render-mesh` into this folder")
     ap.add_argument("--mesh-resolution", type=int, default=256, help="render side of --make-meshes")
     ap.add_argument("--mesh-views", type=int, default=24, help="views per mesh of --make-meshes")
     ap.add_argument("--init-points", type=int, default=4096)

@@ -12,6 +12,9 @@ Pooling: the scores of every seed of an arm are pooled; a prompt's samples over 
 group, and the 95 % intervals resample prompts, then samples within a prompt
 (:func:`gaussian_atlas.evaluate.bootstrap_ci`). The difference repurposed - scratch is bootstrapped
 over prompts (paired: the same prompts in both arms), on each prompt's mean over its samples.
+
+The layout ablation (issue #14: arms ``<arm>-<layout>-s<seed>``) is reported the same way, with each
+control layout's paired difference to ``ot`` (``<arm>-ot − <arm>-random``, ``… − <arm>-morton``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,17 @@ def _diff(a, b, held: bool, key: str, n_boot: int = 4000) -> dict | None:
             "n_prompts": len(common)}
 
 
+def _pairs(arms) -> list[tuple[str, str]]:
+    """(a, b) pairs whose difference a - b is reported: the 2D prior's (repurposed - scratch, per layout)
+    and the layout ablation's (<arm>-ot - <arm>-<control>)."""
+    pairs = [(a, b) for a, b in (("repurposed", "scratch"), ("repurposed-ot", "scratch-ot")) if a in arms and b in arms]
+    for base in ("repurposed", "scratch"):
+        for control in ("random", "morton"):
+            if f"{base}-ot" in arms and f"{base}-{control}" in arms:
+                pairs.append((f"{base}-ot", f"{base}-{control}"))
+    return pairs
+
+
 def _vloss(hist: Path, step: int) -> float | None:
     rows = [json.loads(x) for x in hist.read_text().splitlines() if x.strip()] if hist.exists() else []
     vals = [r["loss_v"] for r in rows if 0.9 * step < r["step"] <= step and "loss_v" in r]
@@ -125,19 +139,29 @@ def report(root: Path, docs: Path) -> dict:
                     results["reference"][src]["by_kind"] = {
                         f"{split} {kname}": _block(ref, held, "both_correct", kind=kind)
                         for split, held in SPLITS for kname, kind in KINDS[1:]}
-    if {"repurposed", "scratch"} <= set(arms):
+    results["differences"] = {}
+    for pa, pb in _pairs(arms):
+        label = f"{pa} − {pb}"
         for step in steps:
-            a, b = _scores(arms["repurposed"], step), _scores(arms["scratch"], step)
+            a, b = _scores(arms[pa], step), _scores(arms[pb], step)
             if a is None or b is None:
                 continue
             a, b = a[a["source"] == "generated"], b[b["source"] == "generated"]
-            results["difference"][step] = {split: {m: _diff(a, b, held, key) for m, key in METRICS}
-                                           for split, held in SPLITS}
+            results["differences"].setdefault(label, {})[step] = {
+                split: {m: _diff(a, b, held, key) for m, key in METRICS} for split, held in SPLITS}
+    results["difference"] = results["differences"].get("repurposed − scratch", {})  # the transfer claim's
+    layouts = {}
+    for arm, dirs in arms.items():
+        r = json.loads(dirs[0].joinpath("result.json").read_text())
+        layouts[arm] = r.get("layout", "ot")
+    results["design"]["layouts"] = layouts
+    if (root / "data.json").exists():
+        results["design"]["layout_coherence"] = json.loads((root / "data.json").read_text()).get("layouts")
     (docs / "results.json").write_text(json.dumps(results, indent=1))
 
     lines = ["| arm | step | v-loss | seen: both right | held-out: both right | seen: colour | held-out: colour | "
              "seen: shape | held-out: shape |", "|---|---:|---:|---|---|---|---|---|---|"]
-    for arm in ("scratch", "repurposed", *[a for a in arms if a not in ("scratch", "repurposed")]):
+    for arm in _order(arms):
         for step, r in sorted((results["arms"].get(arm) or {}).items()):
             vl = ", ".join(f"{v:.3f}" for v in r["v_loss"]) or "–"
             lines.append(f"| {arm} ({r['n_runs']} seed{'s' if r['n_runs'] > 1 else ''}) | {step} | {vl} | "
@@ -147,14 +171,14 @@ def report(root: Path, docs: Path) -> dict:
         lines.append(f"| {src} | – | – | {_fmt(r['seen']['both'])} | {_fmt(r['held-out']['both'])} | "
                      f"{_fmt(r['seen']['colour'])} | {_fmt(r['held-out']['colour'])} | {_fmt(r['seen']['shape'])} | "
                      f"{_fmt(r['held-out']['shape'])} |")
-    for step, r in sorted(results["difference"].items()):
-        lines.append(f"| repurposed − scratch | {step} | – | {_fmt(r['seen']['both'])} | {_fmt(r['held-out']['both'])} | "
+    for label, step, r in [(lb, st, r) for lb, d in results["differences"].items() for st, r in sorted(d.items())]:
+        lines.append(f"| {label} | {step} | – | {_fmt(r['seen']['both'])} | {_fmt(r['held-out']['both'])} | "
                      f"{_fmt(r['seen']['colour'])} | {_fmt(r['held-out']['colour'])} | {_fmt(r['seen']['shape'])} | "
                      f"{_fmt(r['held-out']['shape'])} |")
     kinds = [f"{split} {k}" for split, _ in SPLITS for k, _ in KINDS[1:]]
     lines += ["", "Both right, by prompt kind (95 % CI):", "",
               "| arm | step | " + " | ".join(kinds) + " |", "|---|---:|" + "---|" * len(kinds)]
-    for arm in [a for a in ("scratch", "repurposed") if a in results["arms"]]:
+    for arm in _order(results["arms"]):
         for step, r in sorted(results["arms"][arm].items()):
             lines.append(f"| {arm} | {step} | " + " | ".join(
                 f"{_fmt(r['by_kind'][k])} (n={r['by_kind'][k]['n']})" for k in kinds) + " |")
@@ -170,6 +194,12 @@ def report(root: Path, docs: Path) -> dict:
     return results
 
 
+def _order(arms) -> list[str]:
+    """scratch before repurposed, and ot, random, morton within each."""
+    rank = {"scratch": 0, "repurposed": 1, "ot": 0, "random": 1, "morton": 2}
+    return sorted(arms, key=lambda a: tuple(rank.get(p, 9) for p in a.split("-")) + (a,))
+
+
 def _plot_loss(arms: dict[str, list[Path]], out: Path) -> None:
     try:
         import matplotlib
@@ -180,8 +210,11 @@ def _plot_loss(arms: dict[str, list[Path]], out: Path) -> None:
         print("matplotlib is not installed: no loss.png")
         return
     fig, ax = plt.subplots(figsize=(6.6, 3.6), dpi=100)
-    colours = {"scratch": "tab:red", "repurposed": "tab:blue"}
-    for arm, dirs in arms.items():
+    colours = {"scratch": "tab:red", "repurposed": "tab:blue", "repurposed-ot": "tab:blue", "scratch-ot": "tab:red",
+               "repurposed-random": "tab:cyan", "scratch-random": "tab:orange", "repurposed-morton": "tab:purple",
+               "scratch-morton": "tab:brown"}
+    for arm in _order(arms):
+        dirs = arms[arm]
         for k, d in enumerate(dirs):
             rows = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines() if x.strip()]
             pts = np.array([(r["step"], r["loss_v"]) for r in rows if "loss_v" in r])
@@ -190,7 +223,8 @@ def _plot_loss(arms: dict[str, list[Path]], out: Path) -> None:
                         ls="-" if k == 0 else "--", label=f"{arm} ({d.name.rsplit('-', 1)[1]})")
     ax.set_xlabel("step")
     ax.set_ylabel("v-prediction MSE (logged every 25 steps)")
-    ax.set_title("From scratch vs repurposed 2D prior: training loss")
+    ax.set_title("Training loss per arm" if any("-" in a for a in arms) else
+                 "From scratch vs repurposed 2D prior: training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -206,7 +240,9 @@ def _fig8(root: Path, arms: dict[str, list[Path]], steps: list[int], first: dict
     prompts = first["prompts"]
     pick = ([i for i, p in enumerate(prompts) if p["kind"] == "single" and not p["held_out"]][:per_split]
             + [i for i, p in enumerate(prompts) if p["kind"] == "single" and p["held_out"]][:per_split])
-    order = [a for a in ("scratch", "repurposed") if a in arms]
+    order = _order(arms)
+    if len(order) > 2:  # the layout ablation: every arm at its last checkpoint
+        steps = steps[-1:]
     tiles, labels = [], []
     for i in pick:
         for arm in order:

@@ -6,6 +6,11 @@
     python benchmarks/transfer_run.py arm   --out W --arm scratch --seed 0
     python benchmarks/transfer_run.py report --out W --docs docs/paper_claims   # table, loss plot, sheets
 
+The layout ablation of issue #14 (``atlas.layout``) runs on the same folder: ``data --layouts ot random
+morton`` also writes the control layouts' atlases (``W/atlas-<layout>/``, same fits, same packing, other
+pixels) and their statistics (``W/stats-<layout>.npz``), and ``arm --layout random`` trains on them
+(``W/arms/<arm>-<layout>-s<seed>``); ``report`` then also prints each layout's difference to ``ot``.
+
 ``data`` and ``prior`` are independent (run them side by side); the arms need both. The same library
 calls as the DVC stages (``generate_dataset`` with ``generate.holdout``, ``fit_chunk``,
 ``write_atlases``, ``pretrain2d``, ``train`` with ``snapshots``, ``evaluate``), without DVC, MLflow or
@@ -47,6 +52,7 @@ use_prebuilt_gsplat()
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ARMS = ("repurposed", "scratch")
+LAYOUTS = ("ot", "random", "morton")  # gaussian_atlas.atlas.LAYOUTS (not imported here: --help stays fast)
 
 
 def log(msg: str) -> None:
@@ -68,18 +74,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=int, default=4096)
     g.add_argument("--side", type=int, default=64, help="atlas side = 2D image side")
     g.add_argument("--psnr-floor", type=float, default=20.0, help="prune_check's held-out PSNR floor (dB)")
+    g.add_argument("--layouts", nargs="+", default=["ot"], choices=list(LAYOUTS),
+                   help="atlas layouts to build (atlas.layout; the controls of issue #14 beside the paper's ot)")
     g = ap.add_argument_group("2D prior (phase prior)")
     g.add_argument("--prior-objects", type=int, default=1080, help="2D objects (singles cycle over all 108 pairs)")
     g.add_argument("--prior-views", type=int, default=8, help="images per 2D object")
     g.add_argument("--prior-seed", type=int, default=1000, help="master seed of the 2D objects (3D: 0)")
     g.add_argument("--prior-steps", type=int, default=1500)
     g.add_argument("--prior-lr", type=float, default=2e-4)
-    g.add_argument("--wait-for", default=None, metavar="PATH",
-                   help="train the prior only once PATH exists (e.g. W/fits/metrics.parquet): the packed fit is "
+    g.add_argument("--wait-for", nargs="+", default=None, metavar="PATH",
+                   help="train the prior only once every PATH exists (e.g. W/fits/metrics.parquet): the packed fit is "
                         "launch-bound and ran 4x slower beside the prior's training on one H200 (69 vs 277 objects/min)")
     g = ap.add_argument_group("arms (phase arm)")
     g.add_argument("--arm", choices=ARMS)
     g.add_argument("--seed", type=int, default=0, help="training seed of the arm")
+    g.add_argument("--layout", default=None, choices=list(LAYOUTS),
+                   help="train on this layout's atlases (data --layouts); named <arm>-<layout>-s<seed>. "
+                        "Default: ot, named <arm>-s<seed> (the transfer experiment)")
     g.add_argument("--size", default="small", choices=["tiny", "small", "sd"])
     g.add_argument("--steps", type=int, default=1200)
     g.add_argument("--batch", type=int, default=64)
@@ -98,10 +109,45 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _atlas_cfg(args):
+def _atlas_cfg(args, layout: str = "ot"):
     from gaussian_atlas.atlas import AtlasConfig
 
-    return AtlasConfig(side=args.side, method="auto", cache_dir=str(Path(args.out) / "atlas_cache"))
+    return AtlasConfig(side=args.side, method="auto", cache_dir=str(Path(args.out) / "atlas_cache"), layout=layout)
+
+
+def _layout_paths(root: Path, layout: str | None) -> tuple[Path, Path]:
+    """Atlas folder and statistics of a layout: ``atlas/``, ``stats.npz`` for ot (the transfer experiment's)."""
+    if layout in (None, "ot"):
+        return root / "atlas", root / "stats.npz"
+    return root / f"atlas-{layout}", root / f"stats-{layout}.npz"
+
+
+def build_layout(root: Path, acfg, layout: str) -> dict:
+    """The atlases of the accepted fits under a control layout (same fits, same packing, other pixels) and the
+    statistics of its training split; returns the layout's coherence summary."""
+    import pandas as pd
+
+    from gaussian_atlas import io as gio
+    from gaussian_atlas.atlas import training_rows, write_atlases
+    from gaussian_atlas.normalize import RunningStats
+
+    t = time.perf_counter()
+    base = pd.read_parquet(root / "atlas" / "index.parquet")  # the ot atlases: which fits were accepted
+    fits = pd.read_parquet(root / "fits" / "metrics.parquet").set_index("id")
+    items = [{"id": r.id, "shard": "all", "src": str(root / "fits" / fits.loc[r.id, "ply"]), "caption": r.caption,
+              "split": r.split} for r in base.itertuples(index=False)]
+    atlas_dir, stats_path = _layout_paths(root, layout)
+    arows, quarantine = write_atlases(items, acfg, atlas_dir, device=DEV, batch=16)
+    index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
+    gio.write_parquet(atlas_dir / "index.parquet", index)
+    stats = RunningStats()
+    for p in training_rows(index)["path"]:
+        with np.load(atlas_dir / p) as z:
+            stats.update(z["atlas"][None])
+    stats.save(stats_path)
+    return {"n": len(index), "quarantined": len(quarantine), "seconds": time.perf_counter() - t,
+            "coherence_mean": float(index["coherence"].mean()), "distance_ratio_median":
+                float(index["distance_ratio"].median())}
 
 
 def _record(root: Path, name: str, payload: dict) -> None:
@@ -117,6 +163,16 @@ def phase_data(args, root: Path) -> None:
                    holdout_singles=args.holdout[0], holdout_stacks=args.holdout[1],
                    ceiling_per_prompt=args.ceiling_per_prompt)
     data_phase(ns, root, _atlas_cfg(args), summary, lambda: _record(root, "data", summary))
+    import pandas as pd
+
+    ot = pd.read_parquet(root / "atlas" / "index.parquet")
+    summary["layouts"] = {"ot": {"n": len(ot), "coherence_mean": float(ot["coherence"].mean()),
+                                 "distance_ratio_median": float(ot["distance_ratio"].median())}}
+    for layout in [x for x in args.layouts if x != "ot"]:
+        summary["layouts"][layout] = build_layout(root, _atlas_cfg(args, layout), layout)
+        log(f"layout {layout}: {summary['layouts'][layout]}")
+        _record(root, "data", summary)
+    log(f"layouts: " + ", ".join(f"{k} coherence {v['coherence_mean']:.4f}" for k, v in summary["layouts"].items()))
     _record(root, "data", summary)
 
 
@@ -133,9 +189,9 @@ def phase_prior(args, root: Path) -> None:
     t_render = time.perf_counter() - t
     log(f"prior: {len(images)} images of {args.prior_objects} objects in {t_render:.0f} s")
     if args.wait_for:
-        while not Path(args.wait_for).exists():
+        while not all(Path(p).exists() for p in args.wait_for):
             time.sleep(2)
-        log(f"prior: {args.wait_for} exists, training")
+        log(f"prior: {', '.join(args.wait_for)} exist, training")
     cfg = _train_cfg(args, pretrained=None, channels=4, steps=args.prior_steps, lr=args.prior_lr, seed=0,
                      snapshots=())
     hist = (root / "prior_history.jsonl").open("a")
@@ -175,17 +231,18 @@ def phase_arm(args, root: Path) -> None:
 
     if args.arm is None:
         raise SystemExit("phase arm needs --arm repurposed|scratch")
-    name = f"{args.arm}-s{args.seed}"
+    name = f"{args.arm}-s{args.seed}" if args.layout is None else f"{args.arm}-{args.layout}-s{args.seed}"
     out = root / "arms" / name
     out.mkdir(parents=True, exist_ok=True)
-    acfg = _atlas_cfg(args)
+    acfg = _atlas_cfg(args, args.layout or "ot")
+    atlas_dir, stats_path = _layout_paths(root, args.layout)
     snaps = sorted({max(1, round(f * args.steps)) for f in args.snapshots})
     prior = root / "prior" / "model"
     if args.arm == "repurposed" and not (prior / "unet").is_dir():
         raise SystemExit(f"no 2D prior at {prior}: run the prior phase first")
     cfg = _train_cfg(args, pretrained=str(prior) if args.arm == "repurposed" else None, channels=16,
                      steps=args.steps, lr=args.lr, seed=args.seed, snapshots=snaps)
-    data = load_train_data(root / "atlas", root / "stats.npz", root / "procedural", acfg, render_resolution=32)
+    data = load_train_data(atlas_dir, stats_path, root / "procedural", acfg, render_resolution=32)
     hist = (out / "history.jsonl").open("a")
     t = time.perf_counter()
     s = train(cfg, data, acfg, out / "train",
@@ -194,13 +251,13 @@ def phase_arm(args, root: Path) -> None:
     train_s = time.perf_counter() - t
     log(f"{name}: {s['step']} steps in {train_s:.0f} s ({s['samples_per_second']:.0f} samples/s)")
 
-    index = pd.read_parquet(root / "atlas" / "index.parquet")
+    index = pd.read_parquet(atlas_dir / "index.parquet")
     ecfg = EvaluateConfig(n_seen=args.eval_prompts[0], n_held_out=args.eval_prompts[1],
                           n_compositions=args.eval_prompts[2], samples_per_prompt=args.eval_samples,
                           n_views=args.eval_views, resolution=args.eval_resolution,
                           sample=SampleConfig(steps=args.sample_steps, guidance=3.5, batch_size=32))
     specs = index_prompts(index, ecfg)
-    ceiling = ceiling_atlases(index, root / "atlas", specs, limit=ecfg.samples_per_prompt)
+    ceiling = ceiling_atlases(index, atlas_dir, specs, limit=ecfg.samples_per_prompt)
     # a rerun (e.g. after the --max-minutes safety stop, resumed to --steps) scores only the snapshots not yet scored
     prev = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else {}
     scores = {int(k): v for k, v in (prev.get("scores") or {}).items()}
@@ -213,7 +270,7 @@ def phase_arm(args, root: Path) -> None:
         if not (snap / "unet").is_dir():
             log(f"{name}: no snapshot at step {step} (training stopped at {s['step']})")
             continue
-        package_model(snap, root / "stats.npz", acfg)
+        package_model(snap, stats_path, acfg)
         model = load_atlas_model(snap, DEV)
         ev = evaluate(model, specs, ecfg, ceiling, progress=True, reuse=earlier)
         earlier = earlier or ev
@@ -231,7 +288,8 @@ def phase_arm(args, root: Path) -> None:
         g = ev.metrics["generated"]
         log(f"{name} step {step}: both seen {g['seen']['both_accuracy']} {g['seen']['both_accuracy_ci95']}, "
             f"held-out {g['held_out']['both_accuracy']} {g['held_out']['both_accuracy_ci95']}")
-        _record(out, "result", {"args": vars(args), "arm": args.arm, "seed": args.seed, "train": s,
+        _record(out, "result", {"args": vars(args), "arm": args.arm, "seed": args.seed, "layout": args.layout or "ot",
+                                "train": s,
                                 "train_s": train_s + float(prev.get("train_s") or 0.0),
                                 "invocations": invocations, "snapshots": snaps, "scores": scores,
                                 "prompts": [vars(sp) for sp in specs], "evaluate_config": ecfg.__dict__ | {
