@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="a transfer_run.py --out folder (arms/<arm>-s<seed>/result.json, ...)")
     ap.add_argument("--pictures", type=Path, default=None, help="report_transfer.py's --docs folder")
-    ap.add_argument("--experiment", default=EXPERIMENT)
+    ap.add_argument("--experiment", default=EXPERIMENT,
+                    help="MLflow experiment (the layout ablation of issue #14: claim-atlas-layout)")
     args = ap.parse_args(argv)
     import mlflow
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     client = mlflow.MlflowClient()
     if client.search_runs([exp_id], filter_string=f"tags.`gatlas.source` = '{source}'", max_results=1):
         raise SystemExit(f"{source} is already logged in experiment {args.experiment!r}")
-    tags = {"gatlas.claim": "2d-prior-transfer", "gatlas.source": source, "mlflow.source.git.commit": git_commit()}
+    tags = {"gatlas.claim": args.experiment.removeprefix("claim-"), "gatlas.source": source, "mlflow.source.git.commit": git_commit()}
     device = (args.folder / "gpu.txt").read_text().splitlines()[1:2] if (args.folder / "gpu.txt").exists() else []
     if device:
         tags["gatlas.device"] = device[0].split(",")[0]
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     for d in arms:
         res = json.loads((d / "result.json").read_text())
         a = res["args"]
-        with mlflow.start_run(experiment_id=exp_id, run_name=d.name, tags={**tags, "gatlas.arm": res["arm"]}) as run:
-            mlflow.log_params({"arm": res["arm"], "seed": res["seed"], "steps": a["steps"], "batch": a["batch"],
+        layout = res.get("layout", "ot")
+        with mlflow.start_run(experiment_id=exp_id, run_name=d.name,
+                              tags={**tags, "gatlas.arm": res["arm"], "gatlas.layout": layout}) as run:
+            mlflow.log_params({"arm": res["arm"], "seed": res["seed"], "atlas.layout": layout, "steps": a["steps"], "batch": a["batch"],
                                "lr": a["lr"], "warmup": a["warmup"], "size": a["size"], "side": a["side"],
                                "snapshots": ",".join(str(s) for s in res["snapshots"]),
                                "prior": "2D prior, text encoder frozen" if res["arm"] == "repurposed" else "none",
