@@ -319,6 +319,12 @@ def render(
     except RuntimeError as e:
         raise ValueError(f"cameras {list(c2w.shape)}, {list(K.shape)} do not broadcast to batch {list(bshape)}") from e
     bg = _background(background, bshape + (C,), D, means)
+    if N == 0:  # nothing to draw: the background, without a zero-size gsplat launch (suspected of the SIGFPE in
+        # gsplat_cuda.so that stopped the anchor fitter on the H200: docs/paper_claims.md)
+        rgb = bg[..., None, None, :].expand(bshape + (C, height, width, D)).clone()
+        alpha = torch.zeros(bshape + (C, height, width, 1), dtype=means.dtype, device=means.device)
+        return RenderOutput(rgb=rgb, alpha=alpha, meta={"backend": "empty", "width": width, "height": height,
+                                                        "n_cameras": C})
     viewmats = viewmats_from_c2w(c2w)
 
     if backend == "auto":

@@ -167,6 +167,18 @@ def test_empty_and_culled_scenes_render_background():
         assert int((out.meta["radii"] > 0).sum()) == 0
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "gsplat"])
+def test_no_gaussian_is_never_handed_to_a_rasteriser(backend):
+    """N = 0 returns the background before any backend runs (gsplat is not even imported: a zero-size
+    launch is the suspect of the anchor fitter's SIGFPE in gsplat_cuda.so), batch shape kept."""
+    c2w, K = _c2w([3, 0, 0])[None].expand(2, 1, 4, 4), _K()[None].expand(2, 1, 3, 3)
+    empty = (torch.zeros(2, 0, 3), torch.zeros(2, 0, 4), torch.zeros(2, 0, 3), torch.zeros(2, 0), torch.zeros(2, 0, 3))
+    out = render(empty, c2w, K, W, H, background=(0.2, 0.4, 0.6), backend=backend)
+    assert out.meta["backend"] == "empty"
+    assert out.rgb.shape == (2, 1, H, W, 3) and out.alpha.shape == (2, 1, H, W, 1)
+    assert torch.equal(out.rgb[1, 0, 3, 5], torch.tensor([0.2, 0.4, 0.6])) and not out.alpha.any()
+
 # ---- depth order --------------------------------------------------------------------
 
 def test_nearer_gaussian_dominates_and_list_order_is_irrelevant():
