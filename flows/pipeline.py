@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from stages.common import (LOCK_ENV, PARENT_ENV, ROOT, WorkspaceBusy, _alive, git_commit, load_params, setup_mlflow,
-                           telemetry_off, workspace_lock)
+                           telemetry_off, ui_url, workspace_lock)
 
 telemetry_off()
 
@@ -245,7 +245,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False, root: str | N
             run_id = parent.info.run_id
     logger = get_run_logger()
     logger.info("MLflow parent run %s (%s)", run_id, mlflow.get_tracking_uri())
-    return {"mlflow_run_id": run_id, "stages": status}
+    return {"mlflow_run_id": run_id, "mlflow_experiment_id": exp_id, "stages": status}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: pipeline not run: {result['skipped']}", file=sys.stderr)
             sys.exit(1)
         print("pipeline finished:", ", ".join(f"{k}: {v}" for k, v in result["stages"].items()))
-        print(f"MLflow: parent run {result['mlflow_run_id']}; open the UI with\n"
-              f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000")
+        print(f"MLflow: parent run {result['mlflow_run_id']}; start the UI with `make ui` (or\n"
+              f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000)\n"
+              f"  and open {ui_url(result['mlflow_experiment_id'])}")
     else:
         from prefect.settings import PREFECT_API_URL
 

@@ -96,8 +96,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it trains models
+# what the experiments hold, for MLflow and its API (MLflow 3.17's UI does not go by it: see ui_url)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI = "http://127.0.0.1:5000"  # `make ui`
+
+
+def ui_url(experiment_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs in its "Model training" mode: MLflow 3.17's UI takes the mode
+    from the URL's ``workflowType`` (or the browser's last choice) and otherwise opens on its GenAI pages
+    (an "Overview" of traces), whatever the experiment's tags say. On the tracking server when
+    ``MLFLOW_TRACKING_URI`` names one, else on `make ui`'s."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id or '<id>'}/runs?workflowType=machine_learning"
 
 
 def setup_mlflow(experiment: str | None = None) -> str:
