@@ -36,12 +36,14 @@ demo: install  ## set up, then run the whole pipeline (Prefect flow over `dvc re
 	$(BIN)/python -m flows.pipeline run
 	@echo
 	@echo "Outputs: data/ (DVC-tracked), metrics/*.json, reports/ (contact sheets, great-expectations data docs)."
-	@echo "MLflow:  make ui   -> http://127.0.0.1:5000  (experiment 'gaussian-atlas', one parent run per pipeline run)"
+	@echo "MLflow:  make ui, then the runs page printed above (experiment 'gaussian-atlas', one parent run per pipeline run)"
 
 test: install  ## set up, then run the test suite (CPU)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-ui:  ## open the MLflow UI on 127.0.0.1:5000
+ui:  ## open the MLflow UI on 127.0.0.1:5000 (runs: /#/experiments/<id>/runs?workflowType=machine_learning)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning"
+	@echo "  (<id>: printed by python -m flows.pipeline run; 1 in a fresh store. See mlflow/README.md)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 serve: install  ## scheduled retrains: a local Prefect server + `flows.pipeline serve` (CRON="0 3 * * *"); Ctrl-C stops both

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from typing import Any
 import yaml
 
 from stages.common import (LOCK_ENV, PARENT_ENV, ROOT, WorkspaceBusy, _alive, git_commit, load_params, setup_mlflow,
-                           telemetry_off, workspace_lock)
+                           telemetry_off, ui_url, workspace_lock)
 
 telemetry_off()
 
@@ -62,7 +63,8 @@ def _retries() -> int:
 @task(name="dvc-stage", task_run_name="{stage}", retries=_retries(), retry_delay_seconds=5)
 def run_stage(stage: str, parent_run_id: str, force: bool = False, root: str | None = None,
               lock_token: str | None = None, lock_fd: int | None = None) -> str:
-    """``dvc repro --single-item <stage>``; returns "ran" or "up to date".
+    """``dvc repro --single-item <stage>``; returns "ran", "up to date" or, when the stage printed that it skipped its
+    work (``<stage>: skipped (<reason>)``, e.g. pretrain2d with ``pretrain2d.enabled: false``), "skipped (<reason>)".
 
     ``lock_token``/``lock_fd``: the workspace lock this pipeline run holds. The stage gets the token (so it runs
     although the lock is held) and ``dvc`` inherits the descriptor (so the lock stays held while a ``dvc repro``
@@ -78,6 +80,7 @@ def run_stage(stage: str, parent_run_id: str, force: bool = False, root: str | N
     proc = subprocess.Popen(cmd, cwd=root or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, pass_fds=() if lock_fd is None else (lock_fd,), start_new_session=True)
     tail: list[str] = []
+    skipped = None
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
@@ -87,13 +90,22 @@ def run_stage(stage: str, parent_run_id: str, force: bool = False, root: str | N
             if line.strip():
                 logger.info(line)
                 tail = (tail + [line])[-20:]
+                skipped = skip_reason(stage, line) or skipped
         rc = proc.wait()
     except BaseException:  # Ctrl-C, or `serve` cancelling the run (SIGTERM): no orphaned `dvc repro` keeps going
         _stop(proc)
         raise
     if rc != 0:
         raise RuntimeError(f"stage {stage!r} failed (exit {rc}):\n" + "\n".join(tail[-8:]))
-    return "up to date" if any("didn't change, skipping" in t for t in tail) else "ran"
+    if any("didn't change, skipping" in t for t in tail):
+        return "up to date"
+    return f"skipped ({skipped})" if skipped else "ran"
+
+
+def skip_reason(stage: str, line: str) -> str | None:
+    """The reason in a stage's summary line ``<stage>: skipped (<reason>)``; None for any other line."""
+    m = re.fullmatch(rf"{re.escape(stage)}: skipped \((.*)\)", line.strip())
+    return m.group(1) if m else None
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -233,7 +245,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False, root: str | N
             run_id = parent.info.run_id
     logger = get_run_logger()
     logger.info("MLflow parent run %s (%s)", run_id, mlflow.get_tracking_uri())
-    return {"mlflow_run_id": run_id, "stages": status}
+    return {"mlflow_run_id": run_id, "mlflow_experiment_id": exp_id, "stages": status}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: pipeline not run: {result['skipped']}", file=sys.stderr)
             sys.exit(1)
         print("pipeline finished:", ", ".join(f"{k}: {v}" for k, v in result["stages"].items()))
-        print(f"MLflow: parent run {result['mlflow_run_id']}; open the UI with\n"
-              f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000")
+        print(f"MLflow: parent run {result['mlflow_run_id']}; start the UI with `make ui` (or\n"
+              f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --host 127.0.0.1 --port 5000)\n"
+              f"  and open {ui_url(result['mlflow_experiment_id'])}")
     else:
         from prefect.settings import PREFECT_API_URL
 

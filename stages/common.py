@@ -87,12 +87,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+def default_tracking_uri() -> str:
+    """The project's own store: ``sqlite:///<repo>/mlflow/mlflow.db``."""
+    return f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow' / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it trains models
+# what the experiments hold, for MLflow and its API (MLflow 3.17's UI does not go by it: see ui_url)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+UI = "http://127.0.0.1:5000"  # `make ui`
+
+
+def ui_url(experiment_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs in its "Model training" mode: MLflow 3.17's UI takes the mode
+    from the URL's ``workflowType`` (or the browser's last choice) and otherwise opens on its GenAI pages
+    (an "Overview" of traces), whatever the experiment's tags say. On the tracking server when
+    ``MLFLOW_TRACKING_URI`` names one, else on `make ui`'s."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{experiment_id or '<id>'}/runs?workflowType=machine_learning"
 
 
 def setup_mlflow(experiment: str | None = None) -> str:
@@ -100,14 +116,16 @@ def setup_mlflow(experiment: str | None = None) -> str:
     import mlflow
 
     uri = tracking_uri()
+    # the project's store keeps its artifacts beside it, not in <cwd>/mlruns (MLflow's default); decided here, as
+    # set_tracking_uri sets MLFLOW_TRACKING_URI, and by the URI, as stages inherit that variable from the flow
+    artifacts = ROOT / "mlflow" / "artifacts" if uri == default_tracking_uri() else None
+    if artifacts is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     experiment = experiment or load_params().get("mlflow", {}).get("experiment", "gaussian-atlas")
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        artifact_location = None
-        if "MLFLOW_TRACKING_URI" not in os.environ:
-            (ROOT / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-            artifact_location = (ROOT / "mlflow" / "artifacts").as_uri()
+        artifact_location = artifacts.as_uri() if artifacts is not None else None
         try:
             return mlflow.create_experiment(experiment, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
         except Exception:  # created meanwhile by a parallel writer

@@ -15,8 +15,8 @@ Writes ``<out>/``: ``prompts.jsonl`` (prompt, parts, held-out flag, seeds), ``sc
 and ``scores.csv`` (one row per prompt and source), per prompt ``plys/<i>-<slug>.ply``
 (INRIA, unit-ball frame, +Z up), ``turntables/<i>-<slug>.gif``, ``atlases/<i>-<slug>.png``
 (channel pictures), ``views.png`` (the evaluation views of every prompt) and
-``gallery.html``; ``metrics/evaluate.json``; DVC plot data in ``reports/evaluate/``. MLflow:
-the metrics, the turntables, the gallery (with its pictures) and the scores table.
+``gallery.html`` (self-contained: its pictures embedded); ``metrics/evaluate.json``; DVC plot data in
+``reports/evaluate/``. MLflow: the metrics, the turntables, the atlas pictures, the gallery and the scores table.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def body(run: StageRun) -> StageResult:
     items = [{"prompt": s.prompt + (" (held out)" if s.held_out else " (seen)"), "turntable": f"turntables/{n}.gif",
               "atlas": f"atlases/{n}.png", "scores": prompt_scores(gen[gen["index"] == i], ev.seeds[i * S:(i + 1) * S])}
              for i, (s, n) in enumerate(zip(specs, names))]
-    gio.write_text(out / "gallery.html", gallery_html(items, gallery_headline(ev.metrics)))
+    gio.write_text(out / "gallery.html", gallery_html(items, gallery_headline(ev.metrics), root=out))  # pictures inside
 
     m = ev.metrics
     gm = m["generated"]
@@ -95,8 +95,7 @@ def body(run: StageRun) -> StageResult:
                f"both {gm['both_accuracy']} (ceiling {m.get('ceiling', {}).get('both_accuracy')}, floor "
                f"{m['floor']['both_accuracy']}); CLIP {m['clip_score']['status']}, "
                f"VQA {m['vqa_score']['status']} -> {args.metrics}, {out / 'gallery.html'}")
-    artifacts = [(out / "turntables", "turntables"),
-                 *((out / sub, f"gallery/{sub}") for sub in ("turntables", "atlases")),  # the gallery's pictures
+    artifacts = [(out / "turntables", "turntables"), (out / "atlases", "atlases"),
                  (out / "gallery.html", "gallery"),
                  *(out / f for f in ("scores.parquet", "prompts.jsonl", "views.png")), args.metrics]
     return StageResult(m, summary, artifacts, mlflow_metrics=nested_numbers(m),

@@ -23,6 +23,7 @@ import pandas as pd
 __all__ = ["Check", "run_suite", "validate_ingest_facts"]
 
 ROW = "row"  # the index column every validated table carries
+LISTED_ROWS = 20  # failing rows listed per expectation on the offline data docs index
 
 
 @dataclass(frozen=True)
@@ -96,18 +97,25 @@ def run_suite(frame: pd.DataFrame, suite_name: str, checks: list[Check],
         rows_by_id = {int(r[ROW]): r for r in frame.to_dict("records")}
         reasons: dict[int, list[str]] = {}
         counts: dict[str, int] = {}
+        listed: dict[str, list[tuple[Any, Any, str]]] = {}  # name -> (id, value, reason) of its first failing rows
         (vres,) = result.run_results.values()
         for check, res in zip(checks, vres.results):
-            name = f"{res.expectation_config.type}({res.expectation_config.kwargs.get('column', '')})"
+            column = res.expectation_config.kwargs.get("column", "")
+            name = f"{res.expectation_config.type}({column})"
             bad = [int(u[ROW]) for u in (res.result.get("unexpected_index_list") or [])]
             if res.exception_info and res.exception_info.get("raised_exception"):
                 raise RuntimeError(f"expectation {name} could not run: {res.exception_info.get('exception_message')}")
             counts[name] = len(bad)
+            listed[name] = []
             for r in bad:
                 row = rows_by_id[r]
                 if _present(row.get("read_error")) and not check.after_read_error:
-                    continue
-                reasons.setdefault(r, []).append(check.reason(row))
+                    why = f"not checked: {row['read_error']}"  # its own error is its reason
+                else:
+                    why = check.reason(row)
+                    reasons.setdefault(r, []).append(why)
+                if len(listed[name]) < LISTED_ROWS:
+                    listed[name].append((row["id"] if "id" in row else r, row.get(column), why))
         docs_index = None
         if docs_dir:
             site = project / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -115,7 +123,7 @@ def run_suite(frame: pd.DataFrame, suite_name: str, checks: list[Check],
             if docs_dir.exists():
                 shutil.rmtree(docs_dir)
             shutil.copytree(site, docs_dir)
-            docs_index = str(_offline_index(docs_dir, suite_name, bool(result.success), counts, checks))
+            docs_index = str(_offline_index(docs_dir, suite_name, bool(result.success), counts, checks, listed))
         return {"success": bool(result.success), "reasons": reasons, "expectations": counts,
                 "docs_index": docs_index}
     finally:
@@ -123,22 +131,36 @@ def run_suite(frame: pd.DataFrame, suite_name: str, checks: list[Check],
 
 
 def _offline_index(docs_dir: Path, suite_name: str, success: bool, counts: dict[str, int],
-                   checks: list[Check]) -> Path:
+                   checks: list[Check], listed: dict[str, list[tuple[Any, Any, str]]] | None = None) -> Path:
     """An ``index.html`` that reads offline: great-expectations' own index fills its list with scripts and
     styles from CDNs (an empty, unstyled page without internet), so it is kept as ``gx_index.html`` and this
-    static page, with no external reference, lists the verdict, every expectation with its failing rows and
-    reason, and links the site's validation and suite pages (those render without scripts)."""
+    static page, with no external reference, lists the verdict, every expectation with its failing rows (``listed``:
+    expectation -> ``(id, value, reason)`` of its first :data:`LISTED_ROWS` failing rows) and links the site's
+    validation and suite pages (those render without scripts)."""
     import html
     import json
 
+    e = html.escape
     gx_index = docs_dir / "index.html"
     if gx_index.exists():
         gx_index.replace(docs_dir / "gx_index.html")
+    bounds = {name: json.dumps({k: v for k, v in c.expectation[1].items() if k != "column"}, default=str)
+              for name, c in zip(counts, checks)}
     rows = "".join(
-        f"<tr class='{'bad' if n else 'ok'}'><td><code>{html.escape(name)}</code></td><td>{n}</td>"
-        f"<td>{html.escape(json.dumps({k: v for k, v in c.expectation[1].items() if k != 'column'}, default=str))}"
-        f"</td></tr>"
-        for (name, n), c in zip(counts.items(), checks))
+        f"<tr class='{'bad' if n else 'ok'}'><td><code>{e(name)}</code></td><td>{n}</td><td>{e(bounds[name])}</td></tr>"
+        for name, n in counts.items())
+    failing = ""
+    for name, items in (listed or {}).items():
+        if not items:
+            continue
+        more = counts[name] - len(items)
+        failing += (f"<h3><code>{e(name)}</code> {e(bounds[name])}: {counts[name]} failing row(s)</h3>"
+                    "<table><tr><th>id</th><th>value</th><th>reason</th></tr>" +
+                    "".join(f"<tr><td>{e(str(i))}</td><td>{e(_show(v))}</td><td>{e(str(why))}</td></tr>"
+                            for i, v, why in items) + "</table>" +
+                    (f"<p>... and {more} more (the validation page below lists them)</p>" if more > 0 else ""))
+    if failing:
+        failing = "<h2>Failing rows</h2>" + failing
     pages = sorted(p.relative_to(docs_dir).as_posix() for p in docs_dir.glob("validations/**/*.html")) + \
         sorted(p.relative_to(docs_dir).as_posix() for p in docs_dir.glob("expectations/*.html"))
     links = "".join(f"<li><a href='{html.escape(p)}'>{html.escape(p)}</a></li>" for p in pages)
@@ -149,12 +171,20 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}tr.bad td{{backgro
 tr.ok td:nth-child(2){{color:#2a7a2a}}</style></head><body>
 <h1>{html.escape(suite_name)}: {html.escape(verdict)}</h1>
 <table><tr><th>expectation</th><th>failing rows</th><th>bounds</th></tr>{rows}</table>
+{failing}
 <h2>Pages</h2><ul>{links}<li><a href="gx_index.html">gx_index.html</a> (great-expectations' own index; its
 list and styling need internet)</li></ul></body></html>
 """
     out = docs_dir / "index.html"
     out.write_text(page, encoding="utf-8")
     return out
+
+
+def _show(value: Any) -> str:
+    """A cell value as text: floats to 4 significant digits, missing as ``null``."""
+    if not _present(value):
+        return "null"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _present(value: Any) -> bool:

@@ -16,7 +16,7 @@ the pipeline (from the repository root):
   make demo                          set up and run every stage on the built-in dataset
   dvc repro [STAGE]                  run the DVC pipeline (or one stage) with params.yaml
   python -m flows.pipeline run       the same through Prefect, with an MLflow parent run
-  make ui                            MLflow UI on http://127.0.0.1:5000
+  make ui                            MLflow UI: http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning
 """
 
 

@@ -52,3 +52,35 @@ def test_experiments_open_on_the_training_runs_page(tmp_path, monkeypatch):
         exp_id = setup_mlflow(name)
         assert mlflow.MlflowClient().get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp_id == old
+
+
+def test_the_project_store_keeps_artifacts_in_mlflow_artifacts_not_mlruns(tmp_path, monkeypatch):
+    """Unset, or set to the project's store (as the flow's stages inherit it), MLFLOW_TRACKING_URI gives the
+    experiment ``<repo>/mlflow/artifacts`` as its artifact location: no ``mlruns/`` in the working directory."""
+    import mlflow
+
+    import stages.common as common
+
+    old = mlflow.get_tracking_uri()
+    repo, cwd = tmp_path / "repo", tmp_path / "cwd"
+    (repo / "mlflow").mkdir(parents=True)
+    (repo / "params.yaml").write_text("mlflow: {experiment: project-store}\n")
+    cwd.mkdir()
+    monkeypatch.setattr(common, "ROOT", repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset below; restored after the test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("GATLAS_MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(cwd)
+    (cwd / "a.txt").write_text("a")
+    try:
+        for _ in range(2):  # the second time MLFLOW_TRACKING_URI is set: by set_tracking_uri, as in a flow's stage
+            with common.stage_run("ingest", {}) as run:
+                mlflow.log_artifact(str(cwd / "a.txt"))
+            assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}"
+            exp = mlflow.MlflowClient().get_experiment(run.info.experiment_id)
+            assert exp.artifact_location == (repo / "mlflow" / "artifacts").as_uri()
+            assert (repo / "mlflow" / "artifacts" / run.info.run_id / "artifacts" / "a.txt").exists()
+            mlflow.MlflowClient().rename_experiment(exp.experiment_id, f"old-{exp.experiment_id}")  # made again next
+        assert not (cwd / "mlruns").exists() and not (repo / "mlruns").exists()
+    finally:
+        mlflow.set_tracking_uri(old)

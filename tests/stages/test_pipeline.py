@@ -171,7 +171,7 @@ def test_flow_runs_stages_under_one_parent_run_then_is_a_noop(project, tracking,
     scores = pd.read_parquet(out / "scores.parquet")
     assert set(scores["source"]) == {"generated", "ceiling", "floor"} and (scores["source"] == "generated").sum() == 8
     gallery = (out / "gallery.html").read_text()
-    assert all(p["prompt"] in gallery for p in prompts) and "turntables/" in gallery
+    assert all(p["prompt"] in gallery for p in prompts) and "src='data:image/gif;base64," in gallery
     assert (project / "reports/evaluate/accuracy.csv").exists()
     er = by_stage["evaluate"]
     assert 0.0 <= er.data.metrics["generated.colour_accuracy"] <= 1.0

@@ -279,6 +279,34 @@ def test_gallery_escapes_and_links():
     assert slug("A red torus!") == "a-red-torus" and slug("???") == "prompt"
 
 
+def test_gallery_with_root_embeds_its_pictures_as_data_uris(tmp_path):
+    """MLflow shows HTML artifacts in a sandboxed frame where relative paths break: every picture is inside."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    from gaussian_atlas.io import write_png
+    from gaussian_atlas.sample import write_gif
+
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    frames[1, 2:6, 2:6] = (200, 30, 30)
+    write_gif(tmp_path / "turntables" / "000-a.gif", frames)
+    write_png(tmp_path / "atlases" / "000-a.png", np.full((4, 6, 3), 120, np.uint8))
+    page = gallery_html([{"prompt": "a red cube", "turntable": "turntables/000-a.gif", "atlas": "atlases/000-a.png",
+                          "scores": {}}], root=tmp_path)
+    srcs = re.findall(r"<img src='([^']*)'", page)
+    assert len(srcs) == 2 and all(s.startswith("data:image/") for s in srcs)
+    assert "turntables/" not in page and "atlases/" not in page
+    for s, kind, size in zip(srcs, ("GIF", "PNG"), ((8, 8), (6, 4))):
+        mime, data = re.fullmatch(r"data:(image/\w+);base64,([A-Za-z0-9+/=]+)", s).groups()
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
+            assert im.format == kind and mime == f"image/{kind.lower()}" and im.size == size
+            assert getattr(im, "n_frames", 1) == (3 if kind == "GIF" else 1)
+            im.load()
+
+
 def test_ceiling_is_the_first_training_atlas_with_the_prompt_as_caption(tmp_path):
     import pandas as pd
 

@@ -46,3 +46,21 @@ def test_each_bad_fit_rejected_with_reason(tmp_path):
     pages = re.findall(r"href='([^']+)'", index)
     assert any(p.startswith("validations/") for p in pages) and all((tmp_path / "docs" / p).exists() for p in pages)
     assert (tmp_path / "docs" / "gx_index.html").exists()
+
+
+def test_offline_index_lists_each_failing_row_with_value_and_reason_capped(tmp_path):
+    cfg = PruneCheckConfig(tau=1000, psnr_floor=25.0)
+    n = 25
+    table = pd.DataFrame([{"id": "good", **GOOD}, {"id": "crowded", **GOOD, "n_gaussians": 1001}] +
+                         [{"id": f"blurry-{i:02d}", **GOOD, "psnr": 20.0 + i / 100} for i in range(n)])
+    validate_fits(table, cfg, docs_dir=tmp_path / "docs")
+    index = (tmp_path / "docs" / "index.html").read_text()
+    failing = index.split("<h2>Failing rows</h2>", 1)[1]
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", failing)
+    assert ("crowded", "1001", "1001 Gaussians (allowed 1..1000)") in rows
+    blurry = [r for r in rows if r[0].startswith("blurry-")]
+    assert len(blurry) == 20  # capped (checks.LISTED_ROWS), the rest counted
+    assert blurry[0] == ("blurry-00", "20", "held-out PSNR 20.00 dB below the floor 25 dB")
+    assert f"expect_column_values_to_be_between(psnr)</code> {{&quot;min_value&quot;: 25.0}}: {n} failing row(s)" \
+        in failing
+    assert "and 5 more" in failing and "good" not in failing
