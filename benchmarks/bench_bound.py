@@ -10,6 +10,7 @@ same objects, steps, schedule and seed):
 - ``plain/random``     — a random choice (``fit.bound_rank: random``);
 - ``anchors/rank-average`` — the paper's anchor fitter with its rank-averaged bound (``fit.method: anchors``);
 - ``plain/unbounded``  — the same plain fit with tau = 10⁹ (the reference every bound is measured against),
+- (only when named in ``--arms``) ``plain/visibility-all`` — the paper's rule measured over every training view,
 
 each bounded arm at every ``--taus`` value. Metric: held-out PSNR / SSIM (every 8th view, never trained
 on), Gaussians per object and seconds of the arm's batch (divided by its objects). Means with 95 %
@@ -54,11 +55,19 @@ def arm_names(taus: list[int]) -> list[str]:
             + [f"anchors/rank-average@{t}" for t in taus])
 
 
+def extra_arms(taus: list[int]) -> list[str]:
+    """Arms outside the registered design, run only when named in ``--arms``: ``plain/visibility-all`` measures
+    Σ α·T over *every* training view at each bound event (``fit.measure_views`` = all) instead of 8 sampled ones."""
+    return [f"plain/visibility-all@{t}" for t in taus]
+
+
 def arm_config(arm: str, base: FitConfig) -> FitConfig:
     fitter, rest = arm.split("/", 1)
     rule, tau = rest.split("@")
     if fitter == "anchors":
         return replace(base, method="anchors", tau=int(tau))
+    if rule == "visibility-all":  # views are sampled without replacement, min(n, training views)
+        return replace(base, method="plain", tau=int(tau), bound_rank="visibility", measure_views=10**6)
     return replace(base, method="plain", tau=int(tau), bound_rank="visibility" if rule == "unbounded" else rule)
 
 
@@ -132,7 +141,8 @@ def summarize(rows: list[dict]) -> dict:
     same tau and against ``plain/unbounded`` (same objects)."""
     out: dict = {}
     sets = sorted({r["set"] for r in rows}) + ["all"]
-    order = [a.split("@")[0] for a in arm_names([])] + [f"plain/{r}" for r in RULES] + ["anchors/rank-average"]
+    order = [a.split("@")[0] for a in arm_names([])] + [f"plain/{r}" for r in RULES] + ["plain/visibility-all",
+                                                                                          "anchors/rank-average"]
     keys = sorted({(r["arm"], r["tau"]) for r in rows}, key=lambda k: (k[1] < UNBOUNDED, k[1], order.index(k[0])))
     for s in sets:
         sel = [r for r in rows if s == "all" or r["set"] == s]
@@ -211,9 +221,9 @@ def main() -> None:
         sets = load_sets(args)
         every = arm_names(args.taus)
         arms = [a for a in args.arms.split(",") if a] or every
-        unknown = sorted(set(arms) - set(every))
+        unknown = sorted(set(arms) - set(every) - set(extra_arms(args.taus)))
         if unknown:
-            ap.error(f"unknown arms {unknown}; choose from {every}")
+            ap.error(f"unknown arms {unknown}; choose from {every + extra_arms(args.taus)}")
         base = base_config(args)
         print(f"{sum(map(len, sets.values()))} objects ({', '.join(f'{k}: {len(v)}' for k, v in sets.items())}), "
               f"arms {arms}, device {args.device}", flush=True)
