@@ -127,13 +127,13 @@ def run_arms(sets: dict[str, list], arms: list[str], base: FitConfig, device: st
     return rows
 
 
-def bootstrap(values: np.ndarray, n_boot: int = 4000, seed: int = 0) -> list[float]:
-    """95 % percentile interval of the mean, resampling the values (objects)."""
-    if len(values) < 2:
-        return [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    return [float(x) for x in np.quantile(boots, [0.025, 0.975])]
+def bootstrap(values: np.ndarray) -> list[float]:
+    """95 % percentile interval of the mean over objects (one value each: the evaluate stage's bootstrap with
+    every object its own group)."""
+    from gaussian_atlas.evaluate import bootstrap_ci
+
+    ci = bootstrap_ci(values, range(len(values)), n_boot=4000) if len(values) > 1 else None
+    return list(ci) if ci else [float("nan"), float("nan")]
 
 
 def summarize(rows: list[dict]) -> dict:

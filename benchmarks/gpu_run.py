@@ -105,10 +105,9 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     import pandas as pd
 
     from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import sphere_to_grid, training_rows, write_atlases
+    from gaussian_atlas.atlas import sphere_to_grid
     from gaussian_atlas.fit import DensifyConfig, FitConfig, fit_chunk
     from gaussian_atlas.meshrender import RenderConfig
-    from gaussian_atlas.normalize import RunningStats
     from gaussian_atlas.procedural import HoldoutConfig, ProceduralConfig, generate_dataset
 
     # 1. generate (CPU processes); held-out prompts (if any) get ceiling objects of split "ceiling"
@@ -160,19 +159,32 @@ def data_phase(args, root: Path, acfg, summary: dict, save) -> None:
     sphere_to_grid(acfg.side, acfg.method, acfg.cache_dir, device=DEV)
     items = [{"id": r.id, "shard": "all", "src": str(root / "fits" / r.ply), "caption": caps[r.id],
               "split": splits[r.id]} for r in ok.itertuples(index=False)]
-    arows, quarantine = write_atlases(items, acfg, root / "atlas", device=DEV, batch=16)
-    index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
-    gio.write_parquet(root / "atlas" / "index.parquet", index)
-    stats = RunningStats()
-    for p in training_rows(index)["path"]:  # the statistics of the training split only
-        with np.load(root / "atlas" / p) as z:
-            stats.update(z["atlas"][None])
-    stats.save(root / "stats.npz")
+    index, quarantine = atlases_and_stats(items, acfg, root / "atlas", root / "stats.npz")
     summary["atlas_s"] = time.perf_counter() - t
     summary["atlas"] = {"n": len(index), "quarantined": len(quarantine), "side": acfg.side,
                         "n_ceiling": int((index["split"] == "ceiling").sum())}
     log(f"atlas + normalize: {len(index)} atlases, {len(quarantine)} quarantined, {summary['atlas_s']:.0f} s")
     save()
+
+
+def atlases_and_stats(items: list[dict], acfg, atlas_dir: Path, stats_path: Path):
+    """Atlases of ``items`` (``write_atlases``) with their ``index.parquet``, and the pixel statistics of the
+    training split only at ``stats_path``; returns (index, quarantine)."""
+    import pandas as pd
+
+    from gaussian_atlas import io as gio
+    from gaussian_atlas.atlas import training_rows, write_atlases
+    from gaussian_atlas.normalize import RunningStats
+
+    arows, quarantine = write_atlases(items, acfg, atlas_dir, device=DEV, batch=16)
+    index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
+    gio.write_parquet(atlas_dir / "index.parquet", index)
+    stats = RunningStats()
+    for p in training_rows(index)["path"]:
+        with np.load(atlas_dir / p) as z:
+            stats.update(z["atlas"][None])
+    stats.save(stats_path)
+    return index, quarantine
 
 
 def train_phase(args, root: Path, acfg, summary: dict, save) -> None:

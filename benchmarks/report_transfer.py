@@ -75,10 +75,10 @@ def _diff(a, b, held: bool, key: str, n_boot: int = 4000) -> dict | None:
     common = sorted(set(pa.index) & set(pb.index))
     if not common:
         return None
+    from gaussian_atlas.evaluate import bootstrap_ci
+
     d = (pa[common] - pb[common]).to_numpy(dtype=float)
-    rng = np.random.default_rng(0)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    lo, hi = np.quantile(boots, [0.025, 0.975])
+    lo, hi = bootstrap_ci(d, common, n_boot=n_boot, seed=0)  # each prompt its own group: resampled prompts
     return {"mean": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
             "n_prompts": len(common)}
 

@@ -126,25 +126,14 @@ def build_layout(root: Path, acfg, layout: str) -> dict:
     """The atlases of the accepted fits under a control layout (same fits, same packing, other pixels) and the
     statistics of its training split; returns the layout's coherence summary."""
     import pandas as pd
-
-    from gaussian_atlas import io as gio
-    from gaussian_atlas.atlas import training_rows, write_atlases
-    from gaussian_atlas.normalize import RunningStats
+    from gpu_run import atlases_and_stats
 
     t = time.perf_counter()
     base = pd.read_parquet(root / "atlas" / "index.parquet")  # the ot atlases: which fits were accepted
     fits = pd.read_parquet(root / "fits" / "metrics.parquet").set_index("id")
     items = [{"id": r.id, "shard": "all", "src": str(root / "fits" / fits.loc[r.id, "ply"]), "caption": r.caption,
               "split": r.split} for r in base.itertuples(index=False)]
-    atlas_dir, stats_path = _layout_paths(root, layout)
-    arows, quarantine = write_atlases(items, acfg, atlas_dir, device=DEV, batch=16)
-    index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
-    gio.write_parquet(atlas_dir / "index.parquet", index)
-    stats = RunningStats()
-    for p in training_rows(index)["path"]:
-        with np.load(atlas_dir / p) as z:
-            stats.update(z["atlas"][None])
-    stats.save(stats_path)
+    index, quarantine = atlases_and_stats(items, acfg, *_layout_paths(root, layout))
     return {"n": len(index), "quarantined": len(quarantine), "seconds": time.perf_counter() - t,
             "coherence_mean": float(index["coherence"].mean()), "distance_ratio_median":
                 float(index["distance_ratio"].median())}

@@ -15,7 +15,7 @@ done
 for g in ${RERUN_BOUND:-}; do k=$((k+1))
   setsid bash -c "python3 /tmp/tree/benchmarks/bench_bound.py --data $B/proc --meshes $B/meshes --objects 16 --arms $g --json $B/r$k.json > $B/r$k.log 2>&1; echo \$? > $B/r$k.rc" < /dev/null > /dev/null 2>&1 &
 done
-cd $W && tar czf $OUT/a.tgz gpu.txt commit.txt *.log *.json *.md prior_history.jsonl prior_samples.png fits/metrics.parquet \
+cd $W && tar czf $OUT/a.tgz gpu.txt *.log *.json *.md prior_history.jsonl prior_samples.png fits/metrics.parquet \
   atlas/index.parquet atlas-*/index.parquet procedural/holdout.json bound/*.log bound/*.json arms/*/result.json \
   arms/*/history.jsonl arms/*/scores_step*.csv arms/*/sheet_step*.png 2>/dev/null
 for arm in arms/*/; do n=$(basename $arm); tar czf $OUT/v-$n.tgz $arm/views_step*.npz 2>/dev/null; done

@@ -5,17 +5,11 @@
 #     every arm in 3 processes side by side (launch-bound fits share the GPU well), merged into W/bound.json;
 #  2. atlas layouts (benchmarks/transfer_run.py): the 3D set -> fits -> ot/random/morton atlases beside (1), the
 #     2D prior once the fits of both are done, then every arm x layout at once (one process each).
-# Expects .whl/ and optionally .gpu/gsplat_cuda.so in the repo root, as transfer_session.sh.
+# Expects .whl/ and optionally .gpu/gsplat_cuda.so in the repo root (benchmarks/device/setup.sh).
 #   ARGS="--objects 128 --prior-steps 500 --steps 300" ARMS="repurposed scratch" bash benchmarks/device/ablation_session.sh
-T0=$(date +%s); echo $T0 > /tmp/T0
-W=/tmp/w; B=$W/bound; mkdir -p $B
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks stages params.yaml /tmp/tree/
-export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-[ -f .gpu/gsplat_cuda.so ] && cp .gpu/gsplat_cuda.so /tmp/gsplat_cuda.so && export GSPLAT_PREBUILT=/tmp/gsplat_cuda.so
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/gpu.txt 2>&1
-python3 -c 'import torch, diffusers, gsplat; print(torch.__version__, torch.version.cuda, diffusers.__version__, gsplat.__version__)' >> $W/gpu.txt 2>&1
-git log -1 --format=%H > $W/commit.txt 2>/dev/null
+. benchmarks/device/setup.sh
+B=$W/bound; mkdir -p $B
+export PATH=/tmp/site/bin:$PATH
 # `gatlas render-mesh` for the meshes: a console script over the copied tree
 mkdir -p /tmp/site/bin && printf '#!/bin/sh\nexec python3 -m gaussian_atlas.cli "$@"\n' > /tmp/site/bin/gatlas && chmod +x /tmp/site/bin/gatlas
 BB="python3 /tmp/tree/benchmarks/bench_bound.py --data $B/proc --meshes $B/meshes --objects ${BOUND_OBJECTS:-16} ${BOUND_ARGS:-}"

@@ -4,14 +4,7 @@
 # Expects, in the repo root on the GPU machine: .whl/ (diffusers, gsplat, plyfile, trimesh, embreex, rtree, ...;
 # docs/operations.md); optional .gpu/gsplat_cuda.so (a saved gsplat build: skips the ~90 s JIT build).
 #   ARGS="--steps 1200" bash benchmarks/device/transfer_session.sh && bash benchmarks/device/transfer_poll.sh 500
-T0=$(date +%s); echo $T0 > /tmp/T0
-W=/tmp/w; mkdir -p $W
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks stages params.yaml /tmp/tree/
-export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1
-[ -f .gpu/gsplat_cuda.so ] && cp .gpu/gsplat_cuda.so /tmp/gsplat_cuda.so && export GSPLAT_PREBUILT=/tmp/gsplat_cuda.so
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/gpu.txt 2>&1
-python3 -c 'import torch, diffusers, gsplat; print(torch.__version__, torch.version.cuda, diffusers.__version__, gsplat.__version__)' >> $W/gpu.txt 2>&1
+. benchmarks/device/setup.sh
 R="python3 /tmp/tree/benchmarks/transfer_run.py"
 # optional: the first atlas call's plane index on the GPU vs the CPU (benchmarks/bench_grid.py), while the GPU is idle
 [ -n "${GRID:-}" ] && setsid bash -c "python3 /tmp/tree/benchmarks/bench_grid.py --side 128 --json $W/grid_h200.json > $W/grid.log 2>&1" < /dev/null > /dev/null 2>&1 &
