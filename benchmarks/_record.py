@@ -16,8 +16,10 @@ def run_facts() -> dict:
 
     facts = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
              "python": platform.python_version(), "numpy": np.__version__,
-             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=Path(__file__).parent).stdout.strip(),
+             # GATLAS_COMMIT: set by a device session (its copy of the tree may have no or stale git metadata)
+             "commit": os.environ.get("GATLAS_COMMIT") or subprocess.run(
+                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                 cwd=Path(__file__).parent).stdout.strip(),
              "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]

@@ -151,7 +151,8 @@ def main() -> None:
             ts = sorted(t for t, _ in runs)
             med = ts[len(ts) // 2]
             r = out["batches"][B] = {"s_per_call": med, "s_per_sample": med / B, "all_s": ts, "warmup_s": warm,
-                                     "graph_warmup_s": model.runtime.get("graphs", {}).get("warmup_s")}
+                                     "graph_warmup_s": model.runtime.get("graphs", {}).get("warmup_s"),
+                                     "graph_disabled": model.runtime.get("graphs", {}).get("disabled")}
             if "unet_forward_tflop_per_sample" in res:
                 r["tflop_per_s"] = res["unet_forward_tflop_per_sample"] * 2 * args.steps / (med / B)
             atlas = runs[0][1]

@@ -191,12 +191,13 @@ def _denoise(unet: Any, scheduler: Any, x: Tensor, ctx: Tensor, guidance: float,
 
 
 def _graphed_denoise(graphs: dict, unet: Any, scheduler: Any, x: Tensor, ctx: Tensor, steps: int,
-                     guidance: float, dtype: torch.dtype) -> Tensor:
+                     guidance: float, dtype: torch.dtype) -> Tensor | None:
     """:func:`_denoise` replayed from a CUDA graph cached in ``graphs`` per (shapes, steps, guidance).
 
     The first call for a key warms up on a side stream (two eager passes: compilation, cuDNN
     autotuning, the allocator) and captures the whole loop; its seconds are added to
-    ``graphs["warmup_s"]``. ``x`` and ``ctx`` are copied into the graph's static inputs.
+    ``graphs["warmup_s"]``. ``x`` and ``ctx`` are copied into the graph's static inputs. Returns None
+    (and sets ``graphs["disabled"]`` to the reason) when the capture fails: the caller samples eagerly.
     """
     key = ("graph", tuple(x.shape), tuple(ctx.shape), steps, float(guidance), dtype)
     if key not in graphs:
@@ -218,9 +219,14 @@ def _graphed_denoise(graphs: dict, unet: Any, scheduler: Any, x: Tensor, ctx: Te
         reset()
         graph = torch.cuda.CUDAGraph()
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        with torch.cuda.graph(graph, pool=pool):
-            out = _denoise(unet, sched, sx, sc, guidance, dtype)
-        torch.cuda.synchronize(x.device)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                out = _denoise(unet, sched, sx, sc, guidance, dtype)
+            torch.cuda.synchronize(x.device)
+        except RuntimeError as exc:  # e.g. a kernel that cannot be captured: sample eagerly, say why once
+            graphs["disabled"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            print(f"sample: CUDA graph capture failed ({graphs['disabled']}); sampling without CUDA graphs")
+            return None
         graphs[key] = (graph, sx, sc, out, sched)
         graphs["warmup_s"] = graphs.get("warmup_s", 0.0) + time.perf_counter() - t0
     graph, sx, sc, out, _ = graphs[key]
@@ -266,8 +272,11 @@ def sample_atlases(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
             ctx = cond.to(dtype)
         x = _noise(s, (C, S, S)).to(device)  # [B, C, S, S] float32 (init_noise_sigma is 1 for DPM-Solver++)
         x = x * scheduler.init_noise_sigma
-        if graphs is not None:
-            x = _graphed_denoise(graphs, unet, scheduler, x, ctx, steps, guidance, dtype)
+        y = None
+        if graphs is not None and "disabled" not in graphs:
+            y = _graphed_denoise(graphs, unet, scheduler, x, ctx, steps, guidance, dtype)
+        if y is not None:
+            x = y
             bar.update(B * steps)
         else:
             scheduler.set_timesteps(steps, device=device)

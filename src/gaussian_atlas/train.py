@@ -60,6 +60,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
     compile: bool = False  # torch.compile the UNet's training forward (GPU; pays off after a few hundred steps)
+    compile_scope: str = "regional"  # regional (each UNet block; short warm-up) | full (one graph): model.compile_unet
     channels_last: bool = True  # NHWC UNet on CUDA (faster convolutions); ignored on the CPU
     data_on_device: str = "auto"  # auto | always | never: atlases resident on the GPU (auto: if < 1/4 of its memory)
     log_every: int = 1  # read the losses back every k steps (each read waits for the GPU)
@@ -74,6 +75,12 @@ class TrainConfig:
     sample_guidance: float = 3.5
     sample_views: int = 4
     sample_resolution: int = 96
+
+    def __post_init__(self) -> None:
+        from .model import COMPILE_SCOPES
+
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"train.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile_scope!r}")
 
 
 @dataclass
@@ -154,7 +161,7 @@ def package_model(model_dir: str | Path, stats_path: str | Path, atlas_cfg: Any)
 
 
 # TrainConfig fields that do not change what a step computes: a run resumes across a change of these
-_RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_minutes", "snapshots",
+_RESUMABLE_FIELDS = ("steps", "compile_scope", "checkpoint_every", "keep_checkpoints", "log_every", "max_minutes", "snapshots",
                      "sample_every", "sample_prompts", "sample_steps", "sample_guidance", "sample_views",
                      "sample_resolution")
 
@@ -238,7 +245,7 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .model import fast_attention, load_model
+    from .model import compile_unet, fast_attention, load_model
 
     out_dir = Path(out_dir)
     cuda = torch.cuda.is_available()
@@ -264,7 +271,13 @@ def train(cfg: TrainConfig, data: TrainData, atlas_cfg: Any, out_dir: str | Path
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup,
                                  num_training_steps=cfg.steps)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    unet_fwd = torch.compile(unet) if cfg.compile else unet  # the training forward only; previews stay eager
+    # the training forward (previews run eager: torch.compiler.set_stance in _preview). Regional: compiled in
+    # place, so the prepared (possibly DDP-wrapped) module calls the compiled blocks; full: a compiled wrapper.
+    unet_fwd = unet
+    if cfg.compile and cfg.compile_scope == "full":
+        unet_fwd = compile_unet(unet, "full")
+    elif cfg.compile:
+        compile_unet(accelerator.unwrap_model(unet), cfg.compile_scope)
     ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay, foreach=dev.type == "cuda",
                    model_cls=UNet2DConditionModel, model_config=accelerator.unwrap_model(unet).config)
     ema.to(dev)
@@ -449,8 +462,9 @@ def _preview(cfg: TrainConfig, accelerator: Any, unet: Any, text_encoder: Any, t
     te_was_training = te.training
     net.eval()
     te.eval()
+    eager = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
     try:
-        with accelerator.autocast():
+        with accelerator.autocast(), eager:  # previews: other shapes, no grad: no recompiles for them
             x = sample_atlases(net, te, tokenizer, dpm_solver(noise_scheduler.config), prompts,
                                [cfg.seed + i for i in range(len(prompts))], steps=cfg.sample_steps,
                                guidance=cfg.sample_guidance, batch_size=len(prompts))
