@@ -35,7 +35,7 @@ def flops_by_kind(fn: Callable[[], Any]) -> dict[str, float]:
         fn()
     out = {k: 0.0 for k in FLOP_OPS}
     for op, n in fc.get_flop_counts().get("Global", {}).items():
-        name = str(op).split(".")[-2] if "." in str(op) else str(op)
+        name = str(op).removeprefix("aten.").split(".")[0]  # "aten.convolution" / "aten.mm.default" -> the op
         for kind, names in FLOP_OPS.items():
             if any(name.startswith(x) or name == x for x in names):
                 out[kind] += float(n)

@@ -186,9 +186,15 @@ def compile_unet(unet: Any, scope: str = "regional", mode: str = "default") -> A
         raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     if scope == "full":
         return torch.compile(unet, mode=mode, dynamic=False)
+    import torch._dynamo
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+    # every ResnetBlock2D shares one code object, so each (channels, size) variant of the UNet is one more
+    # compiled entry of it: the SD layout has ~20 (the default limit of 8 sent the rest back to eager, measured)
+    dyn = torch._dynamo.config
+    key = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, key, max(getattr(dyn, key), 64))
     for m in unet.modules():
         if isinstance(m, (ResnetBlock2D, Transformer2DModel)):
             m.compile(mode=mode, dynamic=False)
