@@ -57,8 +57,10 @@ and busy seconds (generate: summed worker seconds, its rate the pool's at ``--wo
 normalize), the seconds the fit waited for renders and for the atlas queue, overall objects/min over this
 invocation's wall clock, GPU utilisation sampled every second (nvidia-smi, else ``torch.cuda.utilization``; said when
 neither works), peak GPU memory (torch's peak of both processes, nvidia-smi's peak of the whole GPU), the fit's
-held-out PSNR summary and prune_check's acceptance rate. The record is rewritten after every batch (``complete``:
-false until the end), so a run stopped by ``--max-minutes`` or a lease still leaves its numbers.
+held-out PSNR summary, prune_check's acceptance rate and whether the stage's gate (``max_rejected_fraction``) would
+pass, the start-up (CUDA + gsplat) and the drain after the last fit. The record is rewritten after every batch
+(``complete``: false until the end), so a run stopped by ``--max-minutes`` or a lease still leaves its numbers.
+``benchmarks/device/e2e_session.sh`` starts it on a leased GPU machine as a daemon; ``e2e_poll.sh`` collects it.
 """
 
 from __future__ import annotations
