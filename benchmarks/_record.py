@@ -14,12 +14,15 @@ def run_facts() -> dict:
     """Machine, CPU count, Python/numpy/torch versions, git commit and the command line of this process."""
     import numpy as np
 
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:  # no git on the machine
+        commit = ""
+    # a device session copies the tree without (or with stale) git metadata: the caller passes the commit
+    commit = os.environ.get("GATLAS_COMMIT") or commit
     facts = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-             "python": platform.python_version(), "numpy": np.__version__,
-             # GATLAS_COMMIT: set by a device session (its copy of the tree may have no or stale git metadata)
-             "commit": os.environ.get("GATLAS_COMMIT") or subprocess.run(
-                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                 cwd=Path(__file__).parent).stdout.strip(),
+             "python": platform.python_version(), "numpy": np.__version__, "commit": commit,
              "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
