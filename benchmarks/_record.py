@@ -26,8 +26,11 @@ def run_facts() -> dict:
              "command": " ".join([Path(sys.executable).name, *sys.argv])}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
-        facts |= {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        facts |= {"torch": torch.__version__, "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for mod in ("diffusers", "gsplat"):
+        if mod in sys.modules:
+            facts[mod] = getattr(sys.modules[mod], "__version__", None)
     return facts
 
 
