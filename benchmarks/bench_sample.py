@@ -96,6 +96,34 @@ def unet_call(model, unet, B: int, dev):
     return call
 
 
+def attention_backends(B: int, L: int, heads: int, hd: int, dev) -> dict:
+    """Milliseconds of one self-attention ``[B, heads, L, hd]`` bf16 per SDPA backend (CUDA events, median of 5)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, heads, L, hd, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * B * heads * L * L * hd
+    out = {"shape": [B, heads, L, hd], "tflop": flop / 1e12}
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel([be]):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                ts = []
+                for _ in range(5):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                    b.record()
+                    b.synchronize()
+                    ts.append(a.elapsed_time(b))
+            ms = sorted(ts)[2]
+            out[name] = {"ms": ms, "tflop_per_s": flop / ms / 1e9}
+        except RuntimeError as exc:
+            out[name] = {"error": str(exc).splitlines()[0][:160]}
+        print(f"  SDPA {name:9s} {out[name]}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="sd", choices=["tiny", "small", "sd"])
@@ -108,6 +136,8 @@ def main() -> None:
     ap.add_argument("--baseline-batches", type=int, nargs="+", default=None,
                     help="batch sizes for the (slow) fp32 baseline; default: --batches")
     ap.add_argument("--profile", action="store_true", help="kernel time by kind of one UNet call (bf16, fast)")
+    ap.add_argument("--attention", action="store_true",
+                    help="time the top level's self-attention (head size of the UNet) per SDPA backend")
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = ap.parse_args()
     from gaussian_atlas.sample import SampleConfig
@@ -137,6 +167,12 @@ def main() -> None:
         print(f"UNet forward: {res['unet_forward_tflop_per_sample']:.2f} TFLOP per sample "
               f"({', '.join(f'{k} {v / 2e12:.2f}' for k, v in fl.items())})", flush=True)
         del m
+    if args.attention and dev.type == "cuda":  # the top level: side² tokens, 320 channels in 8 heads (SD layout)
+        heads = 8
+        hd = {"sd": 320, "small": 128, "tiny": 32}[args.size] // heads
+        for B in args.batches:
+            print(f"self-attention at the top level, batch {2 * B} (CFG rows):", flush=True)
+            res.setdefault("attention_backends", {})[2 * B] = attention_backends(2 * B, args.side ** 2, heads, hd, dev)
     ref: dict[int, torch.Tensor] = {}
     for v in want:
         label, fields = VARIANTS[v]

@@ -274,7 +274,11 @@ def sample_atlases(unet: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
         x = x * scheduler.init_noise_sigma
         y = None
         if graphs is not None and "disabled" not in graphs:
+            before = graphs.get("warmup_s", 0.0)
             y = _graphed_denoise(graphs, unet, scheduler, x, ctx, steps, guidance, dtype)
+            if progress and graphs.get("warmup_s", 0.0) > before:
+                bar.write(f"sample: compiled and captured the {steps}-step loop for batches of {B} in "
+                          f"{graphs['warmup_s'] - before:.1f} s (once per process and batch size)")
         if y is not None:
             x = y
             bar.update(B * steps)
