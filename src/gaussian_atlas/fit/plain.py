@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians, rgb_to_sh0
-from ..prune import BoundedVisibilityStrategy, blending_weights
+from ..prune import BoundedVisibilityStrategy, blending_weights, object_groups
 from ..render import render
 from .config import FitConfig, FitInput, FitResult
-from .views import PackedViews, initial_points, mean_knn_distance
+from .views import ObjectLayout, PackedViews, initial_points, mean_knn_distance
 
 
 def observed_colors(points: np.ndarray, normals: np.ndarray, obj: FitInput,
@@ -88,7 +88,11 @@ class PlainFit:
     ``params`` (``means [N, 3]``, ``quats [N, 4]``, log ``scales [N, 3]``, logit ``opacities [N]``,
     ``sh0 [N, 3]``, ``visibility [N]`` not trained), one Adam each (gsplat's convention: the strategy
     edits each one's state), the means' learning rate decaying exponentially to ``lr_means_final``.
+    With several objects, each is drawn only into its own views (:class:`~gaussian_atlas.fit.views.ObjectLayout`,
+    rebuilt whenever the strategy replaces the parameters): memory linear in the batch.
     """
+
+    VISIBILITY_VIEWS = 8  # views per object and render call when measuring visibility (bounds its memory)
 
     name = "plain"
 
@@ -130,6 +134,9 @@ class PlainFit:
         self.state = self.strategy.initialize_state(scene_scale=1.0)
         # blending weights over random training views of every object: [N]
         self.state["measure_visibility"] = lambda p: self._visibility(p, pv.sample(rng, cfg.measure_views))
+        self.n_objects = len(objects)
+        self._layout: ObjectLayout | None = None
+        self._layout_of: Tensor | None = None  # the means parameter the layout was built for
 
     @property
     def step_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -140,14 +147,33 @@ class PlainFit:
         return (p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                 torch.clamp(0.5 + 0.28209479177387814 * p["sh0"], min=0.0))
 
+    def layout(self) -> ObjectLayout | None:
+        """Each object's slots in the batch layout (None for one object: the flat set is drawn as is).
+        Rebuilt when the strategy has replaced the means (every clone / split / removal does)."""
+        means = self.params["means"]
+        if self.n_objects == 1:
+            return None
+        if self._layout is None or self._layout_of is not means:
+            self._layout = ObjectLayout.of_groups(object_groups(means, self.cfg.spacing), self.n_objects)
+            self._layout_of = means
+        return self._layout
+
     def _visibility(self, p: dict[str, Tensor], views: Sequence[np.ndarray]) -> Tensor:
-        cw, kk = self.pv.cameras(views)
         m, q, s, o, _ = self.activated(p)
-        return blending_weights(render, m, q, s, o, cw, kk, self.pv.width, self.pv.height)
+        W, H, layout = self.pv.width, self.pv.height, self.layout()
+        if layout is None:
+            cw, kk = self.pv.cameras(views)
+            return blending_weights(render, m, q, s, o, cw, kk, W, H)
+        k, total = self.VISIBILITY_VIEWS, torch.zeros(len(m), device=m.device)
+        for a in range(0, max(len(v) for v in views), k):  # a few views of every object per call
+            cw, kk, valid = self.pv.cameras_per_object([v[a:a + k] for v in views])
+            total += blending_weights(render, m, q, s, o, cw, kk, W, H, layout=layout, camera_valid=valid)
+        return total
 
     def splats(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Any]]:
-        """The Gaussians to render (activated) and what the strategy reads beside the render's meta."""
-        return self.activated(self.params), {"gaussian_ids": None}
+        """The Gaussians to render (activated, flat) and what the strategy reads beside the render's meta
+        (``layout``: draw each object into its own views, None for one object)."""
+        return self.activated(self.params), {"gaussian_ids": None, "layout": self.layout()}
 
     def stats(self) -> dict[str, int]:
         return {"n_gaussians": len(self.params["means"])}
