@@ -231,18 +231,22 @@ def demo_meshes(out: Path) -> dict[str, Path]:
 
 def render_meshes(out: Path, resolution: int, views: int) -> None:
     """Build :func:`demo_meshes` (vertex colours) and :func:`textured_meshes` (UV textures) and render each
-    through ``gatlas render-mesh`` into ``out/objects/<id>``."""
+    through ``gatlas render-mesh`` into ``out/objects/<id>`` (one process per mesh, side by side)."""
     import shutil
     import subprocess
 
     gatlas = Path(sys.executable).with_name("gatlas")
     cmd = [str(gatlas)] if gatlas.exists() else [shutil.which("gatlas") or "gatlas"]
+    jobs = []
     for name, path in {**demo_meshes(out / "meshes"), **textured_meshes(out / "meshes")}.items():
         if (out / "objects" / name / "transforms.json").exists():
             continue
-        subprocess.run(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
-                              str(out / "objects" / name), "--resolution", str(resolution), "--views", str(views),
-                              "--ring", str(min(16, views)), "--up-axis", "z"], check=True)
+        jobs.append(subprocess.Popen(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
+                                            str(out / "objects" / name), "--resolution", str(resolution), "--views",
+                                            str(views), "--ring", str(min(16, views)), "--up-axis", "z"]))
+    codes = [j.wait() for j in jobs]  # the six renders side by side
+    if any(codes):
+        raise RuntimeError(f"gatlas render-mesh failed: exit codes {codes}")
 
 
 def compare_methods(sets: dict[str, list[FitInput]], cfg: FitConfig, methods: list[str], budget: float,

@@ -26,6 +26,7 @@ each object separately (:func:`object_groups`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -155,10 +156,18 @@ class BoundedVisibilityStrategy(Strategy):
 
     @torch.no_grad()
     def enforce_bound(self, params, optimizers, state) -> int:
-        """Remove the lowest-visibility Gaussians of every object above ``tau``; returns how many."""
+        """Remove the lowest-visibility Gaussians of every object above ``tau``; returns how many.
+
+        Counts change only when gsplat's ops replace the parameters, so the check (two host syncs) is
+        skipped while ``params["means"]`` is the tensor last checked (a weak reference in the state,
+        which gsplat's ops leave alone: they touch tensors only)."""
+        checked = state.get("bound_checked")
+        if checked is not None and checked() is params["means"]:
+            return 0
         groups = object_groups(params["means"], self.group_spacing)
         counts = torch.bincount(groups - groups.min()) if groups.numel() else groups
         if groups.numel() == 0 or int(counts.max()) <= self.tau:
+            state["bound_checked"] = weakref.ref(params["means"])
             return 0
         if self.rank_by == "visibility":
             measure = state.get("measure_visibility")
@@ -176,6 +185,7 @@ class BoundedVisibilityStrategy(Strategy):
         remove(params=params, optimizers=optimizers, state=state, mask=over)
         state["n_bound_events"] += 1
         state["n_bound_removed"] += n
+        state["bound_checked"] = weakref.ref(params["means"])
         return n
 
 
