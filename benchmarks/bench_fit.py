@@ -324,7 +324,8 @@ def reference_fit(obj: FitInput, cfg: FitConfig, steps: int, device: str, seed: 
         "sh0": torch.nn.Parameter(g0.sh0[:, None, :].to(dev)),  # [N, 1, 3] SH degree 0
     })
     lrs = {"means": 1.6e-4 * scene_scale, "scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3}
-    opts = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15) for k, lr in lrs.items()}
+    opts = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15,
+                                fused=dev.type == "cuda" or None) for k, lr in lrs.items()}  # simple_trainer: fused
     sched = torch.optim.lr_scheduler.ExponentialLR(opts["means"], gamma=0.01 ** (1.0 / steps))
     strategy = DefaultStrategy()  # gsplat's defaults: refine 500..15,000 every 100, reset every 3,000
     strategy.check_sanity(params, opts)

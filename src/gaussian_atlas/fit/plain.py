@@ -118,7 +118,9 @@ class PlainFit:
         })
         lrs = {"means": cfg.lr_means, "quats": cfg.lr_quats, "scales": cfg.lr_scales,
                "opacities": cfg.lr_opacities, "sh0": cfg.lr_sh0}
-        self.optimizers = {k: torch.optim.Adam([{"params": self.params[k], "lr": lr, "name": k}], eps=1e-15)
+        # fused (one kernel per step) on CUDA, as gsplat's simple_trainer; gsplat's ops keep its state aligned
+        self.optimizers = {k: torch.optim.Adam([{"params": self.params[k], "lr": lr, "name": k}], eps=1e-15,
+                                               fused=device.type == "cuda" or None)
                            for k, lr in lrs.items()}
         self.means_decay = (cfg.lr_means_final / cfg.lr_means) ** (1.0 / max(1, cfg.steps))
         d = cfg.densify
