@@ -429,6 +429,29 @@ def fill_batch(pool: list[FitInput], size: int) -> list[FitInput]:
             for k, o in ((k, pool[k % len(pool)]) for k in range(size))]
 
 
+@torch.no_grad()
+def check_per_object_render(objs: list[FitInput], cfg: FitConfig, device: str) -> dict:
+    """Before timing: three packed objects drawn per object (gsplat batch dimensions) vs the flat set into every
+    view, and vs our torch compositor, on the same views: the largest pixel differences."""
+    from gaussian_atlas.fit import pack_views
+    from gaussian_atlas.fit.plain import PlainFit
+
+    dev = torch.device(device)
+    objs3, pv = pack_views(objs[:3], replace(cfg, batch_objects=3), dev)
+    rep = PlainFit(objs3, pv, cfg, np.random.default_rng(0), dev)
+    views = pv.sample(np.random.default_rng(1), cfg.views_per_step)
+    splats, extra = rep.splats()
+    flat = pv.render(splats, views, None, background=1.0).rgb
+    per_object = pv.render(splats, views, extra["layout"], background=1.0).rgb
+    torch_backend = pv.render(splats, views, extra["layout"], background=1.0, backend="torch").rgb
+    out = {"objects": 3, "views_each": cfg.views_per_step,
+           "max_abs_diff_per_object_vs_flat": float((per_object - flat).abs().max()),
+           "max_abs_diff_per_object_vs_torch_compositor": float((per_object - torch_backend).abs().max())}
+    print(f"(e) per-object render check: max |per-object - flat| {out['max_abs_diff_per_object_vs_flat']:.2e}, "
+          f"|per-object - torch compositor| {out['max_abs_diff_per_object_vs_torch_compositor']:.2e}", flush=True)
+    return out
+
+
 def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict, t_start: float) -> None:
     """(e): our packed fitter at every ``--batches`` size (rows in ``report["batches"]``)."""
     report["batches"] = rows = report.get("batches", [])
@@ -575,6 +598,7 @@ def main() -> None:
 
     # (e) our packed fitter at each batch size, then (r) the plain gsplat reference, then the comparison
     if args.batches:
+        report["render_check"] = check_per_object_render(meshes + objs, cfg, args.device)
         throughput_batches(args, meshes + objs[:args.throughput_objects], cfg, report, t_start)  # meshes in every batch
     if args.reference and not reference_ok:
         report["reference"] = {"skipped": "needs gsplat's CUDA rasterizer and this run has no CUDA device "
