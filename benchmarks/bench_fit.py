@@ -468,15 +468,29 @@ def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict,
         if args.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        # the first unit has no estimate: past the deadline its fit stops early (max_seconds), so its memory and
+        # speed are still recorded (objects/minute then extrapolated to the full steps, marked as such)
+        cap = max(1.0, args.deadline - (time.perf_counter() - t_start)) if args.deadline else 0.0
         try:
-            res, s = timed_fit(objs, replace(cfg, batch_objects=size), args.device)
+            res, s = timed_fit(objs, replace(cfg, batch_objects=size, max_seconds=cap), args.device)
         except torch.OutOfMemoryError as e:  # a batch too large is a result too
             rows.append({"batch": size, "error": f"out of memory: {e}"[:300]})
             print(f"(e) batch {size}: out of GPU memory", flush=True)
             continue
-        last = (size, s)
+        done = int(res[0].metrics["steps"])
         per = [{"id": o.id, "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"], "n_gaussians": r.metrics["n_gaussians"]}
                for o, r in zip(objs, res)]
+        if done < cfg.steps:
+            rows.append({"batch": size, "stopped_early": f"{done} of {cfg.steps} steps in {s:.0f} s (--deadline)",
+                         "objects_per_minute_extrapolated": 60.0 * size * done / (s * cfg.steps),
+                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+                         "objects_partial_fit": per})
+            print(f"(e) batch {size}: stopped at step {done} of {cfg.steps} after {s:.0f} s; ~"
+                  f"{rows[-1]['objects_per_minute_extrapolated']:.1f} objects/min extrapolated, peak memory "
+                  f"{rows[-1]['peak_memory_gib']} GiB", flush=True)
+            write_record(Path(args.json) if args.json else None, report)
+            break
+        last = (size, s)
         row = {"batch": size, "distinct_objects": min(size, len(pool)), "steps": cfg.steps, "seconds": s,
                "objects_per_minute": 60.0 * size / s,
                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
