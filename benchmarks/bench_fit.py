@@ -22,6 +22,28 @@ DIR holds render folders (NeRF-synthetic layout, e.g. made by `gatlas procedural
     python benchmarks/bench_fit.py --data .bench/proc256 --make-meshes .bench/meshes256 \
         --meshes .bench/meshes256 --methods plain,anchors --budget 30 --tau 36864 --compare-objects 4 \
         --skip-quality --skip-throughput
+(r) reference (issue #19), with ``--reference``: a plain gsplat fit, written the way gsplat's
+    examples/simple_trainer.py runs it, NOT our loop: gsplat ``DefaultStrategy`` (its defaults, unbounded),
+    one random training view per step (``--reference-steps``, 7,000), white background, SH degree 0,
+    Adam with simple_trainer's learning rates (means 1.6e-4 x scene scale decaying to 1 %, scales 5e-3,
+    quats 1e-3, opacities 5e-2, sh0 2.5e-3), loss 0.8 L1 + 0.2 (1 - SSIM), one object at a time; started
+    from our initial points (surface samples; simple_trainer starts from SfM points). Held-out PSNR / SSIM on
+    the same test views as ours, Gaussians, seconds per object. ``--reference-objects`` procedural objects
+    and ``--reference-meshes`` meshes, in ``--reference-procs`` processes side by side (the loop is
+    launch-bound: one process leaves the GPU mostly idle). Needs gsplat's CUDA rasterizer: skipped on CPU
+    unless ``--reference-on-cpu`` (the loop through our torch renderer: a smoke test, timings meaningless).
+(e) throughput (issue #19): our packed fitter at each ``--batches`` size (the meshes then the procedural
+    objects, cycled to fill the batch), objects per GPU-minute, peak GPU memory
+    (``torch.cuda.max_memory_allocated``), held-out PSNR per object, and per object the PSNR difference to
+    (r) (target >= reference - 0.3 dB) and objects/minute (target >= 50).
+
+    python benchmarks/bench_fit.py --data W/proc256 --meshes W/meshes256 --skip-quality --skip-throughput \
+        --steps 1500 --reference --reference-objects 4 --reference-meshes 4 --reference-procs 8 \
+        --batches 32,64,128 --json W/fit_speed.json
+
+``--json`` gets the raw record through benchmarks/_record.py (device, versions, commit, command), rewritten
+after every section, so a run stopped by its time limit keeps what it finished. ``--deadline S`` skips a
+unit (a batch size, the reference) that its estimate says would end more than S seconds after the start.
 """
 
 from __future__ import annotations
@@ -39,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _prebuilt import use_prebuilt_gsplat  # noqa: E402
+from _record import write_record  # noqa: E402
 
 use_prebuilt_gsplat()
 
@@ -208,18 +231,22 @@ def demo_meshes(out: Path) -> dict[str, Path]:
 
 def render_meshes(out: Path, resolution: int, views: int) -> None:
     """Build :func:`demo_meshes` (vertex colours) and :func:`textured_meshes` (UV textures) and render each
-    through ``gatlas render-mesh`` into ``out/objects/<id>``."""
+    through ``gatlas render-mesh`` into ``out/objects/<id>`` (one process per mesh, side by side)."""
     import shutil
     import subprocess
 
     gatlas = Path(sys.executable).with_name("gatlas")
     cmd = [str(gatlas)] if gatlas.exists() else [shutil.which("gatlas") or "gatlas"]
+    jobs = []
     for name, path in {**demo_meshes(out / "meshes"), **textured_meshes(out / "meshes")}.items():
         if (out / "objects" / name / "transforms.json").exists():
             continue
-        subprocess.run(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
-                              str(out / "objects" / name), "--resolution", str(resolution), "--views", str(views),
-                              "--ring", str(min(16, views)), "--up-axis", "z"], check=True)
+        jobs.append(subprocess.Popen(cmd + ["render-mesh", str(path), "--caption", MESHES[name], "--out",
+                                            str(out / "objects" / name), "--resolution", str(resolution), "--views",
+                                            str(views), "--ring", str(min(16, views)), "--up-axis", "z"]))
+    codes = [j.wait() for j in jobs]  # the six renders side by side
+    if any(codes):
+        raise RuntimeError(f"gatlas render-mesh failed: exit codes {codes}")
 
 
 def compare_methods(sets: dict[str, list[FitInput]], cfg: FitConfig, methods: list[str], budget: float,
@@ -259,6 +286,257 @@ def compare_methods(sets: dict[str, list[FitInput]], cfg: FitConfig, methods: li
     return rows, summary
 
 
+# --------------------------------------------------------------------------- (r) the plain gsplat reference
+
+
+def reference_fit(obj: FitInput, cfg: FitConfig, steps: int, device: str, seed: int = 0) -> dict:
+    """One object fitted the way gsplat's examples/simple_trainer.py fits a scene (see (r) above); held-out
+    metrics on our test views (``pack_views``' split at ``cfg.resolution`` and ``cfg.holdout_every``)."""
+    import math
+
+    from gsplat.strategy import DefaultStrategy
+
+    from gaussian_atlas.fit import pack_views
+    from gaussian_atlas.fit.losses import ssim
+    from gaussian_atlas.fit.plain import init_gaussians
+    from gaussian_atlas.gaussians import Gaussians
+    from gaussian_atlas.render import render, viewmats_from_c2w
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    (o,), pv = pack_views([obj], cfg, dev)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    train = pv.train_idx[0]
+    g0 = init_gaussians(o, cfg.init_points, 0.1, rng, views=train)  # our start: surface samples (no SfM here)
+    pts = g0.means
+    d2 = torch.cdist(pts, pts).topk(4, largest=False).values[:, 1:] ** 2  # simple_trainer: knn(points, 4)
+    cams = pv.c2w[0][:, :3, 3]
+    scene_scale = 1.1 * float((cams - cams.mean(0)).norm(dim=-1).max())  # simple_trainer: Parser.scene_scale
+    n = len(pts)
+    params = torch.nn.ParameterDict({
+        "means": torch.nn.Parameter(pts.to(dev)),  # [N, 3]
+        "scales": torch.nn.Parameter(torch.log(torch.sqrt(d2.mean(-1)))[:, None].repeat(1, 3).to(dev)),  # [N, 3]
+        "quats": torch.nn.Parameter(torch.rand(n, 4).to(dev)),  # [N, 4] random, as simple_trainer
+        "opacities": torch.nn.Parameter(torch.logit(torch.full((n,), 0.1)).to(dev)),  # [N]
+        "sh0": torch.nn.Parameter(g0.sh0[:, None, :].to(dev)),  # [N, 1, 3] SH degree 0
+    })
+    lrs = {"means": 1.6e-4 * scene_scale, "scales": 5e-3, "quats": 1e-3, "opacities": 5e-2, "sh0": 2.5e-3}
+    opts = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15,
+                                fused=dev.type == "cuda" or None) for k, lr in lrs.items()}  # simple_trainer: fused
+    sched = torch.optim.lr_scheduler.ExponentialLR(opts["means"], gamma=0.01 ** (1.0 / steps))
+    strategy = DefaultStrategy()  # gsplat's defaults: refine 500..15,000 every 100, reset every 3,000
+    strategy.check_sanity(params, opts)
+    state = strategy.initialize_state(scene_scale=scene_scale)
+    W, H = pv.width, pv.height
+    viewmats, Ks = viewmats_from_c2w(pv.c2w[0]), pv.K[0]  # [V, 4, 4], [V, 3, 3]
+    white = torch.ones(1, 3, device=dev)
+    order: list[int] = []
+    for step in range(steps):
+        if not order:  # one view per step, a fresh shuffle every epoch (simple_trainer's DataLoader)
+            order = list(rng.permutation(train))
+        v = order.pop()
+        means, quats = params["means"], params["quats"]
+        scales, opac = torch.exp(params["scales"]), torch.sigmoid(params["opacities"])
+        if dev.type == "cuda":
+            from gsplat import rasterization
+
+            rgb, _, info = rasterization(means, quats, scales, opac, params["sh0"], viewmats[v:v + 1], Ks[v:v + 1],
+                                         W, H, sh_degree=0, packed=False, backgrounds=white, far_plane=1e10)
+        else:  # smoke test only: our torch renderer, colours as gsplat's SH degree 0
+            cols = torch.clamp_min(0.28209479177387814 * params["sh0"][:, 0] + 0.5, 0.0)
+            out = render((means, quats, scales, opac, cols), pv.c2w[0][v:v + 1], Ks[v:v + 1], W, H, background=1.0,
+                         backend="torch")
+            rgb, info = out.rgb, dict(out.meta, gaussian_ids=None)
+        strategy.step_pre_backward(params, opts, state, step, info)
+        gt = pv.rgb[0][v:v + 1]
+        loss = 0.8 * torch.abs(rgb - gt).mean() + 0.2 * (1.0 - ssim(rgb, gt))
+        loss.backward()
+        for opt in opts.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+        strategy.step_post_backward(params, opts, state, step, info, packed=False)
+    sync()
+    seconds = time.perf_counter() - t0
+    g = Gaussians(means=params["means"].detach(), quats=params["quats"].detach(), log_scales=params["scales"].detach(),
+                  opacity_logits=params["opacities"].detach(), sh0=params["sh0"][:, 0].detach())
+    m = pv.holdout(0, g)
+    return {"id": obj.id, "psnr": m["psnr"], "ssim": m["ssim"], "n_gaussians": len(g), "steps": steps,
+            "seconds": seconds, "n_test_views": m["n_test_views"], "scene_scale": scene_scale,
+            "finite": bool(math.isfinite(m["psnr"]))}
+
+
+def run_reference(args, objs: list[tuple[str, FitInput]], cfg: FitConfig) -> dict:
+    """(r) on ``objs`` ((set, object) pairs): in this process, or in ``--reference-procs`` processes side by side."""
+    import signal
+    import subprocess
+    import tempfile
+
+    procs = max(1, min(args.reference_procs, len(objs)))
+    t0 = time.perf_counter()
+    if procs == 1:
+        rows = []
+        for set_name, o in objs:
+            rows.append({"set": set_name, **reference_fit(o, cfg, args.reference_steps, args.device)})
+            print("(r) " + json.dumps(rows[-1]), flush=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_fit_ref_"))
+        base = [sys.executable, str(Path(__file__).resolve()), "--data", args.data, "--steps", str(args.steps),
+                "--tau", str(args.tau), "--resolution", str(args.resolution), "--device", args.device,
+                "--init-points", str(args.init_points), "--reference", "--reference-steps", str(args.reference_steps),
+                "--reference-objects", str(args.reference_objects), "--reference-meshes", str(args.reference_meshes),
+                "--threads", str(args.threads or 1)] + (["--meshes", args.meshes] if args.meshes else []) + \
+               (["--reference-on-cpu"] if args.reference_on_cpu else [])
+        jobs = [subprocess.Popen(base + ["--reference-worker", f"{k}/{procs}", "--json", str(tmp / f"{k}.json")])
+                for k in range(procs)]
+
+        def stop(signum, frame):  # stopped by a time limit: take the workers along (by their pids)
+            for j in jobs:
+                j.terminate()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        codes = [j.wait() for j in jobs]
+        rows = []
+        for k in range(procs):
+            f = tmp / f"{k}.json"
+            rows += json.loads(f.read_text())["reference_rows"] if f.exists() else []
+        if any(codes) or len(rows) != len(objs):
+            print(f"(r) worker exit codes {codes}: {len(rows)} of {len(objs)} reference fits came back", flush=True)
+    wall = time.perf_counter() - t0
+    out = {"rows": rows, "steps": args.reference_steps, "processes": procs, "wall_seconds": wall,
+           "objects_per_minute_wall": 60.0 * len(rows) / wall if rows else None,
+           "note": "gsplat DefaultStrategy, simple_trainer's loop and learning rates, 1 view/step, unbounded, "
+                   "white background, SH degree 0, our initial points; seconds per object measured with "
+                   f"{procs} processes side by side"}
+    for set_name in sorted({r["set"] for r in rows}):
+        sel = [r for r in rows if r["set"] == set_name]
+        print(f"(r) reference {set_name:10s} {len(sel)} objects: PSNR {np.mean([r['psnr'] for r in sel]):.2f} dB, "
+              f"SSIM {np.mean([r['ssim'] for r in sel]):.4f}, Gaussians {np.mean([r['n_gaussians'] for r in sel]):.0f}, "
+              f"{np.mean([r['seconds'] for r in sel]):.1f} s/object ({procs} processes side by side)", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- (e) packed throughput
+
+
+def fill_batch(pool: list[FitInput], size: int) -> list[FitInput]:
+    """``size`` objects: ``pool`` cycled, copies renamed ``<id>#k`` (the same work as distinct objects)."""
+    return [o if k < len(pool) else replace(o, id=f"{o.id}#{k // len(pool)}")
+            for k, o in ((k, pool[k % len(pool)]) for k in range(size))]
+
+
+@torch.no_grad()
+def check_per_object_render(objs: list[FitInput], cfg: FitConfig, device: str) -> dict:
+    """Before timing: three packed objects drawn per object (gsplat batch dimensions) vs the flat set into every
+    view, and vs our torch compositor, on the same views: the largest pixel differences."""
+    from gaussian_atlas.fit import pack_views
+    from gaussian_atlas.fit.plain import PlainFit
+
+    dev = torch.device(device)
+    objs3, pv = pack_views(objs[:3], replace(cfg, batch_objects=3), dev)
+    rep = PlainFit(objs3, pv, cfg, np.random.default_rng(0), dev)
+    views = pv.sample(np.random.default_rng(1), cfg.views_per_step)
+    splats, extra = rep.splats()
+    flat = pv.render(splats, views, None, background=1.0).rgb
+    per_object = pv.render(splats, views, extra["layout"], background=1.0).rgb
+    torch_backend = pv.render(splats, views, extra["layout"], background=1.0, backend="torch").rgb
+    out = {"objects": 3, "views_each": cfg.views_per_step,
+           "max_abs_diff_per_object_vs_flat": float((per_object - flat).abs().max()),
+           "max_abs_diff_per_object_vs_torch_compositor": float((per_object - torch_backend).abs().max())}
+    print(f"(e) per-object render check: max |per-object - flat| {out['max_abs_diff_per_object_vs_flat']:.2e}, "
+          f"|per-object - torch compositor| {out['max_abs_diff_per_object_vs_torch_compositor']:.2e}", flush=True)
+    return out
+
+
+def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict, t_start: float) -> None:
+    """(e): our packed fitter at every ``--batches`` size (rows in ``report["batches"]``)."""
+    report["batches"] = rows = report.get("batches", [])
+    last: tuple[int, float] | None = None
+    for size in [int(b) for b in args.batches.split(",") if b]:
+        if args.deadline and last is not None:
+            estimate = last[1] * size / last[0]
+            if time.perf_counter() - t_start + estimate > args.deadline:
+                rows.append({"batch": size, "skipped": f"estimated {estimate:.0f} s would pass --deadline "
+                                                       f"{args.deadline:.0f} s"})
+                print(f"(e) batch {size}: skipped ({rows[-1]['skipped']})", flush=True)
+                continue
+        objs = fill_batch(pool, size)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        # the first unit has no estimate: past the deadline its fit stops early (max_seconds), so its memory and
+        # speed are still recorded (objects/minute then extrapolated to the full steps, marked as such)
+        cap = max(1.0, args.deadline - (time.perf_counter() - t_start)) if args.deadline else 0.0
+        try:
+            res, s = timed_fit(objs, replace(cfg, batch_objects=size, max_seconds=cap), args.device)
+        except torch.OutOfMemoryError as e:  # a batch too large is a result too
+            rows.append({"batch": size, "error": f"out of memory: {e}"[:300]})
+            print(f"(e) batch {size}: out of GPU memory", flush=True)
+            continue
+        done = int(res[0].metrics["steps"])
+        per = [{"id": o.id, "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"], "n_gaussians": r.metrics["n_gaussians"]}
+               for o, r in zip(objs, res)]
+        if done < cfg.steps:
+            rows.append({"batch": size, "stopped_early": f"{done} of {cfg.steps} steps in {s:.0f} s (--deadline)",
+                         "objects_per_minute_extrapolated": 60.0 * size * done / (s * cfg.steps),
+                         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+                         "objects_partial_fit": per})
+            print(f"(e) batch {size}: stopped at step {done} of {cfg.steps} after {s:.0f} s; ~"
+                  f"{rows[-1]['objects_per_minute_extrapolated']:.1f} objects/min extrapolated, peak memory "
+                  f"{rows[-1]['peak_memory_gib']} GiB", flush=True)
+            write_record(Path(args.json) if args.json else None, report)
+            break
+        last = (size, s)
+        row = {"batch": size, "distinct_objects": min(size, len(pool)), "steps": cfg.steps, "seconds": s,
+               "objects_per_minute": 60.0 * size / s,
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+               "psnr_mean": float(np.mean([p["psnr"] for p in per])), "psnr_min": float(np.min([p["psnr"] for p in per])),
+               "n_gaussians_mean": float(np.mean([p["n_gaussians"] for p in per])),
+               "n_gaussians_max": int(np.max([p["n_gaussians"] for p in per])), "objects": per}
+        rows.append(row)
+        mem = f"{row['peak_memory_gib']:.1f} GiB peak" if row["peak_memory_gib"] is not None else "CPU"
+        print(f"(e) batch {size:4d}: {row['objects_per_minute']:.1f} objects/min (target >= 50), {s:.0f} s, {mem}, "
+              f"PSNR mean {row['psnr_mean']:.2f} min {row['psnr_min']:.2f} dB, Gaussians mean "
+              f"{row['n_gaussians_mean']:.0f} max {row['n_gaussians_max']} <= {cfg.tau}", flush=True)
+        write_record(Path(args.json) if args.json else None, report)
+
+
+def compare_to_reference(report: dict) -> None:
+    """Per object and batch size: our held-out PSNR minus the reference's (target >= -0.3 dB); copies of an
+    object (``id#k``) compare with the object's reference fit."""
+    ref = {r["id"]: r for r in report.get("reference", {}).get("rows", [])} \
+        if isinstance(report.get("reference"), dict) else {}
+    out = []
+    for row in report.get("batches", []):
+        if "objects" not in row:
+            continue
+        diffs = {}
+        for p in row["objects"]:
+            base = p["id"].split("#")[0]
+            if base in ref:
+                p["psnr_minus_reference"] = p["psnr"] - ref[base]["psnr"]
+                diffs.setdefault(base, []).append(p["psnr_minus_reference"])
+        if not diffs:
+            continue
+        per = {b: float(np.mean(d)) for b, d in diffs.items()}
+        row["psnr_minus_reference_mean"] = float(np.mean(list(per.values())))
+        row["psnr_minus_reference_min"] = float(np.min(list(per.values())))
+        row["meets_psnr_target"] = row["psnr_minus_reference_min"] >= -0.3
+        row["meets_speed_target"] = row["objects_per_minute"] >= 50
+        out.append(row)
+        print(f"(e) batch {row['batch']:4d} vs reference: {row['objects_per_minute']:.1f} objects/min "
+              f"(reference {60.0 / np.mean([r['seconds'] for r in ref.values()]):.2f} per process); PSNR difference "
+              f"mean {row['psnr_minus_reference_mean']:+.2f}, worst {row['psnr_minus_reference_min']:+.2f} dB "
+              f"(target >= -0.30)", flush=True)
+        for b, d in per.items():
+            print(f"(e)   {b:24s} ours {ref[b]['psnr'] + d:.2f} dB vs reference {ref[b]['psnr']:.2f} dB: {d:+.2f} dB"
+                  f"{'' if d >= -0.3 else '  BELOW target'}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -286,9 +564,22 @@ def main() -> None:
     ap.add_argument("--init-points", type=int, default=4096)
     ap.add_argument("--views-per-step", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--reference", action="store_true", help="(r) the plain gsplat reference (simple_trainer's way)")
+    ap.add_argument("--reference-steps", type=int, default=7000, help="(r) steps (1 view each)")
+    ap.add_argument("--reference-objects", type=int, default=4, help="(r) procedural objects (the first ones)")
+    ap.add_argument("--reference-meshes", type=int, default=4, help="(r) meshes of --meshes (the first ones)")
+    ap.add_argument("--reference-procs", type=int, default=1, help="(r) processes side by side")
+    ap.add_argument("--reference-on-cpu", action="store_true",
+                    help="(r) without CUDA: run the loop through our torch renderer (a smoke test)")
+    ap.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)  # "k/n": shard k of n, then exit
+    ap.add_argument("--batches", default="", help="(e) packed batch sizes to time, e.g. 32,64,128")
+    ap.add_argument("--throughput-objects", type=int, default=32, help="(e) procedural objects (+ all meshes)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="skip a unit estimated to end later than this many seconds after the start (0: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
 
     cfg = FitConfig(steps=args.steps, tau=args.tau, init_points=args.init_points, views_per_step=args.views_per_step,
                     resolution=args.resolution,
@@ -299,10 +590,39 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else
                     f"cpu ({torch.get_num_threads()} threads)",
                     "steps": args.steps, "resolution": args.resolution, "torch": torch.__version__}
+    json_path = Path(args.json) if args.json else None
+    meshes = load_inputs(Path(args.meshes), 10**6) if args.meshes and (args.reference or args.batches) else []
+    ref_set = [("procedural", o) for o in load_inputs(Path(args.data), args.reference_objects)] + \
+        [("mesh", o) for o in meshes[:args.reference_meshes]] if args.reference else []
+    reference_ok = args.device == "cuda" or args.reference_on_cpu
+    if args.reference_worker:  # one shard of (r), written for the parent process
+        k, n = (int(x) for x in args.reference_worker.split("/"))
+        rows = [{"set": sn, **reference_fit(o, cfg, args.reference_steps, args.device)} for sn, o in ref_set[k::n]]
+        for r in rows:
+            print("(r) " + json.dumps(r), flush=True)
+        write_record(json_path, {"reference_rows": rows})
+        return
+
     objs = load_inputs(Path(args.data), max(args.batch, args.quality_objects, args.single_objects,
-                                            args.histogram_objects, args.compare_objects if args.methods else 0))
-    print(f"{len(objs)} objects, {objs[0].rgb.shape[0]} views, device {report['device']}", flush=True)
+                                            args.histogram_objects, args.compare_objects if args.methods else 0,
+                                            args.throughput_objects if args.batches else 0))
+    print(f"{len(objs)} objects, {objs[0].rgb.shape[0]} views, {len(meshes)} meshes, device {report['device']}",
+          flush=True)
     fit_objects(objs[:1], replace(cfg, steps=20), device=args.device)  # warm-up (gsplat JIT, allocator)
+
+    # (e) our packed fitter at each batch size, then (r) the plain gsplat reference, then the comparison
+    if args.batches:
+        report["render_check"] = check_per_object_render(meshes + objs, cfg, args.device)
+        throughput_batches(args, meshes + objs[:args.throughput_objects], cfg, report, t_start)  # meshes in every batch
+    if args.reference and not reference_ok:
+        report["reference"] = {"skipped": "needs gsplat's CUDA rasterizer and this run has no CUDA device "
+                                          "(--reference-on-cpu runs the loop through the torch renderer as a smoke test)"}
+        print(f"(r) reference skipped: {report['reference']['skipped']}", flush=True)
+    elif args.reference:
+        report["reference"] = run_reference(args, ref_set, cfg)
+    compare_to_reference(report)
+    report["seconds_total"] = time.perf_counter() - t_start
+    write_record(json_path, report)
 
     # (a) quality: bounded vs unbounded, one object at a time
     rows = []
@@ -351,8 +671,8 @@ def main() -> None:
                 print(f"(c) {'composite' if kind else 'single'} objects: {len(n)}, Gaussians per fit mean "
                       f"{np.mean(n):.0f}, median {np.median(n):.0f}, range {min(n)}-{max(n)}", flush=True)
     if args.skip_throughput:
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        report["seconds_total"] = time.perf_counter() - t_start
+        write_record(json_path, report)
         return
 
     # (b) throughput: packed batch vs one at a time
@@ -380,8 +700,8 @@ def main() -> None:
     print(f"(b) packed batch of {t['batch']}: {opm_batch:.1f} objects/GPU-minute (held-out PSNR mean "
           f"{t['psnr_batched_mean']:.2f}, min {t['psnr_batched_min']:.2f} dB) vs one at a time {opm_single:.1f} "
           f"objects/minute (PSNR {t['psnr_single_mean']:.2f} dB): ratio {t['ratio']:.1f}x", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    report["seconds_total"] = time.perf_counter() - t_start
+    write_record(json_path, report)
 
 
 if __name__ == "__main__":

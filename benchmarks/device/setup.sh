@@ -4,7 +4,9 @@
 # (device, driver, versions). The device copy's git metadata can be stale: record the commit from this side.
 T0=$(date +%s); echo $T0 > /tmp/T0
 W=/tmp/w; mkdir -p $W
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+elif [ ! -d /tmp/site ]; then echo "setup.sh: no .whl/ here and no /tmp/site from an earlier call" >&2; exit 1; fi
 rm -rf /tmp/tree && mkdir -p /tmp/tree && cp -r src benchmarks stages params.yaml /tmp/tree/
 export PYTHONPATH=/tmp/site:/tmp/tree/src PYTHONUNBUFFERED=1
 [ -f .gpu/gsplat_cuda.so ] && cp .gpu/gsplat_cuda.so /tmp/gsplat_cuda.so && export GSPLAT_PREBUILT=/tmp/gsplat_cuda.so

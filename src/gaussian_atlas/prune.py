@@ -26,6 +26,7 @@ each object separately (:func:`object_groups`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,7 +75,8 @@ def rank_within_groups(groups: Tensor, score: Tensor) -> Tensor:
 
 
 def blending_weights(render_fn: Callable[..., Any], means: Tensor, quats: Tensor, scales: Tensor,
-                     opacities: Tensor, c2w: Tensor, K: Tensor, width: int, height: int) -> Tensor:
+                     opacities: Tensor, c2w: Tensor, K: Tensor, width: int, height: int,
+                     layout: Any = None, camera_valid: Tensor | None = None) -> Tensor:
     """Total blending weight ``Σ_views Σ_pixels α_i T_i`` of every Gaussian.
 
     Renders a constant one-channel colour ``w_i = 1`` and differentiates the
@@ -83,13 +85,20 @@ def blending_weights(render_fn: Callable[..., Any], means: Tensor, quats: Tensor
     means ``[N, 3]``, quats ``[N, 4]``, scales ``[N, 3]`` (activated), opacities ``[N]``
     (activated), c2w ``[C, 4, 4]``, K ``[C, 3, 3]``. ``render_fn`` is
     :func:`gaussian_atlas.render.render` (or anything with its signature).
+    With ``layout`` (a :class:`gaussian_atlas.fit.views.ObjectLayout` of the packed objects) each
+    object's Gaussians are drawn only into its own cameras, c2w ``[B, C, 4, 4]``, K ``[B, C, 3, 3]``,
+    and only the cameras of ``camera_valid [B, C]`` (default all) count.
     Returns ``[N]`` (no graph attached).
     """
     ones = torch.ones(means.shape[0], 1, device=means.device, dtype=means.dtype, requires_grad=True)
     with torch.enable_grad():
-        out = render_fn((means.detach(), quats.detach(), scales.detach(), opacities.detach(), ones), c2w, K,
-                        width, height, background=0.0)
-        (grad,) = torch.autograd.grad(out.rgb.sum(), ones)
+        splats = (means.detach(), quats.detach(), scales.detach(), opacities.detach(), ones)
+        if layout is not None:
+            splats = layout.pad_splats(splats)  # [B, M, ...]
+        img = render_fn(splats, c2w, K, width, height, background=0.0).rgb  # [(B,) C, H, W, 1]
+        if camera_valid is not None:
+            img = img * camera_valid[..., None, None, None].to(img.dtype)
+        (grad,) = torch.autograd.grad(img.sum(), ones)
     return grad[:, 0].detach()
 
 
@@ -140,15 +149,25 @@ class BoundedVisibilityStrategy(Strategy):
         self.densify.step_pre_backward(params, optimizers, state, step, info)
 
     def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False) -> None:
+        if info.get("layout") is not None:  # objects drawn into their own views: gsplat's packed layout, flat ids
+            info, packed = info["layout"].packed_info(info), True
         self.densify.step_post_backward(params, optimizers, state, step, info, packed=packed)
         self.enforce_bound(params, optimizers, state)
 
     @torch.no_grad()
     def enforce_bound(self, params, optimizers, state) -> int:
-        """Remove the lowest-visibility Gaussians of every object above ``tau``; returns how many."""
+        """Remove the lowest-visibility Gaussians of every object above ``tau``; returns how many.
+
+        Counts change only when gsplat's ops replace the parameters, so the check (two host syncs) is
+        skipped while ``params["means"]`` is the tensor last checked (a weak reference in the state,
+        which gsplat's ops leave alone: they touch tensors only)."""
+        checked = state.get("bound_checked")
+        if checked is not None and checked() is params["means"]:
+            return 0
         groups = object_groups(params["means"], self.group_spacing)
         counts = torch.bincount(groups - groups.min()) if groups.numel() else groups
         if groups.numel() == 0 or int(counts.max()) <= self.tau:
+            state["bound_checked"] = weakref.ref(params["means"])
             return 0
         if self.rank_by == "visibility":
             measure = state.get("measure_visibility")
@@ -166,6 +185,7 @@ class BoundedVisibilityStrategy(Strategy):
         remove(params=params, optimizers=optimizers, state=state, mask=over)
         state["n_bound_events"] += 1
         state["n_bound_removed"] += n
+        state["bound_checked"] = weakref.ref(params["means"])
         return n
 
 

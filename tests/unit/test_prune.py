@@ -149,3 +149,22 @@ def test_unknown_bound_rule_is_refused():
 
     with pytest.raises(ValueError, match="bound_rank"):
         FitConfig(bound_rank="size")
+
+
+def test_bound_check_reruns_exactly_when_the_parameters_were_replaced():
+    """The per-step check is skipped while the means tensor is the one last checked; a replacement (what every
+    gsplat op does when the count changes) is always checked again, even to an object over the bound."""
+    from gsplat.strategy.ops import duplicate
+
+    spacing, tau = 100.0, 50
+    params, opts = _params(n_per_group=40, groups=2, spacing=spacing)
+    strategy = BoundedVisibilityStrategy(tau=tau, group_spacing=spacing, densify=DefaultStrategy(refine_stop_iter=0))
+    state = strategy.initialize_state()
+    calls = []
+    state["measure_visibility"] = lambda p: calls.append(1) or torch.rand(len(p["means"]))
+    assert strategy.enforce_bound(params, opts, state) == 0 and not calls  # 40 <= 50 everywhere
+    assert strategy.enforce_bound(params, opts, state) == 0
+    duplicate(params=params, optimizers=opts, state=state, mask=torch.arange(80) < 30)  # object 0: 70 > 50
+    assert strategy.enforce_bound(params, opts, state) == 20 and len(calls) == 1
+    assert torch.bincount(object_groups(params["means"], spacing)).tolist() == [tau, 40]
+    assert strategy.enforce_bound(params, opts, state) == 0 and len(calls) == 1

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -562,7 +563,8 @@ class AnchorFit:
         drawn = torch.zeros(n, dtype=torch.bool, device=self.device)
         drawn[idx] = True
         if len(idx):
-            vis[idx] = blending_weights(render, m, q, s, o, cw, kk, self.pv.width, self.pv.height)
+            vis[idx] = blending_weights(partial(render, far=self.pv.far), m, q, s, o, cw, kk, self.pv.width,
+                                        self.pv.height)
         return vis.reshape(-1, self.k), drawn.reshape(-1, self.k)
 
     def splats(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Any]]:

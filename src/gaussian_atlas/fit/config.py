@@ -19,7 +19,7 @@ from ..gaussians import Gaussians
 METHODS = ("plain", "anchors")
 # Bump when a change of the fitting code (loop, views, losses, representations, strategies, renderer,
 # PLY writer) changes the fits it produces: finished fits with another version are redone.
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: packed objects no longer see their neighbours (per-object render, far plane)
 
 
 @dataclass(frozen=True)

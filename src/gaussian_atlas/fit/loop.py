@@ -23,7 +23,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..render import render
 from .anchors import AnchorFit
 from .config import FitConfig, FitInput, FitResult
 from .losses import load_lpips, photometric_loss
@@ -68,12 +67,12 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
     for step in bar:
         # 1. views_per_step random training views of every object
         views = pv.sample(rng, cfg.views_per_step)
-        cw, kk = pv.cameras(views)
         gt_rgb, gt_alpha = pv.targets(views)  # [C, H, W, 3], [C, H, W]
 
-        # 2. the representation's Gaussians, rendered into every view in one call
+        # 2. the representation's Gaussians, rendered into every view in one call (with a layout: each
+        # object's Gaussians into its own views only, gsplat's batch dimensions)
         splats, extra = rep.splats()  # (means [N, 3], quats [N, 4], scales [N, 3], opacities [N], colours [N, 3])
-        out = render(splats, cw, kk, pv.width, pv.height, background=1.0)
+        out = pv.render(splats, views, extra.get("layout"), background=1.0)  # rgb [C, H, W, 3]
         info = {**extra, **out.meta}
         rep.strategy.step_pre_backward(rep.params, rep.optimizers, rep.state, step, info)
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians, rgb_to_sh0
-from ..prune import BoundedVisibilityStrategy, blending_weights
+from ..prune import BoundedVisibilityStrategy, blending_weights, object_groups
 from ..render import render
 from .config import FitConfig, FitInput, FitResult
-from .views import PackedViews, initial_points, mean_knn_distance
+from .views import ObjectLayout, PackedViews, initial_points, mean_knn_distance
 
 
 def observed_colors(points: np.ndarray, normals: np.ndarray, obj: FitInput,
@@ -55,13 +55,13 @@ def observed_colors(points: np.ndarray, normals: np.ndarray, obj: FitInput,
 
 
 def init_gaussians(obj: FitInput, n: int, opacity: float, rng: np.random.Generator,
-                   views: Sequence[int] | None = None) -> Gaussians:
-    """Initial Gaussians: ``n`` surface samples, else random points in the unit ball.
+                   views: Sequence[int] | None = None, device: str | torch.device | None = None) -> Gaussians:
+    """Initial Gaussians (on the CPU): ``n`` surface samples, else random points in the unit ball.
 
     Colours of surface samples are their mean observed (shaded) colour in the
     training views that face them (:func:`observed_colors`), falling back to the
     mesh's albedo; scales start at the mean distance to the 3 nearest neighbours
-    (as 3DGS), rotations at identity.
+    (as 3DGS; computed on ``device``, default the CPU: ~0.1-0.3 s per object there), rotations at identity.
     """
     pts, idx = initial_points(obj, n, rng)
     if idx is not None:
@@ -72,7 +72,7 @@ def init_gaussians(obj: FitInput, n: int, opacity: float, rng: np.random.Generat
     else:
         cols = rng.random((n, 3)).astype(np.float32)
     means = torch.from_numpy(pts)  # [n, 3]
-    scale = mean_knn_distance(means, alone=1e-2)  # [n]
+    scale = mean_knn_distance(means.to(device or "cpu"), alone=1e-2).cpu()  # [n]
     quats = torch.zeros(n, 4)
     quats[:, 0] = 1.0
     return Gaussians(
@@ -88,7 +88,11 @@ class PlainFit:
     ``params`` (``means [N, 3]``, ``quats [N, 4]``, log ``scales [N, 3]``, logit ``opacities [N]``,
     ``sh0 [N, 3]``, ``visibility [N]`` not trained), one Adam each (gsplat's convention: the strategy
     edits each one's state), the means' learning rate decaying exponentially to ``lr_means_final``.
+    With several objects, each is drawn only into its own views (:class:`~gaussian_atlas.fit.views.ObjectLayout`,
+    rebuilt whenever the strategy replaces the parameters): memory linear in the batch.
     """
+
+    VISIBILITY_VIEWS = 8  # views per object and render call when measuring visibility (bounds its memory)
 
     name = "plain"
 
@@ -100,7 +104,7 @@ class PlainFit:
         # Initial Gaussians of every object, concatenated; means carry the packing offset.
         init = []
         for b, o in enumerate(objects):
-            g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng, views=pv.train_idx[b])
+            g = init_gaussians(o, cfg.init_points, cfg.init_opacity, rng, views=pv.train_idx[b], device=device)
             g.means = g.means + torch.tensor([float(pv.offsets[b]), 0.0, 0.0])
             init.append(g)
         g0 = Gaussians.cat(init)
@@ -114,7 +118,9 @@ class PlainFit:
         })
         lrs = {"means": cfg.lr_means, "quats": cfg.lr_quats, "scales": cfg.lr_scales,
                "opacities": cfg.lr_opacities, "sh0": cfg.lr_sh0}
-        self.optimizers = {k: torch.optim.Adam([{"params": self.params[k], "lr": lr, "name": k}], eps=1e-15)
+        # fused (one kernel per step) on CUDA, as gsplat's simple_trainer; gsplat's ops keep its state aligned
+        self.optimizers = {k: torch.optim.Adam([{"params": self.params[k], "lr": lr, "name": k}], eps=1e-15,
+                                               fused=device.type == "cuda" or None)
                            for k, lr in lrs.items()}
         self.means_decay = (cfg.lr_means_final / cfg.lr_means) ** (1.0 / max(1, cfg.steps))
         d = cfg.densify
@@ -130,6 +136,9 @@ class PlainFit:
         self.state = self.strategy.initialize_state(scene_scale=1.0)
         # blending weights over random training views of every object: [N]
         self.state["measure_visibility"] = lambda p: self._visibility(p, pv.sample(rng, cfg.measure_views))
+        self.n_objects = len(objects)
+        self._layout: ObjectLayout | None = None
+        self._layout_of: Tensor | None = None  # the means parameter the layout was built for
 
     @property
     def step_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -140,14 +149,33 @@ class PlainFit:
         return (p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]),
                 torch.clamp(0.5 + 0.28209479177387814 * p["sh0"], min=0.0))
 
+    def layout(self) -> ObjectLayout | None:
+        """Each object's slots in the batch layout (None for one object: the flat set is drawn as is).
+        Rebuilt when the strategy has replaced the means (every clone / split / removal does)."""
+        means = self.params["means"]
+        if self.n_objects == 1:
+            return None
+        if self._layout is None or self._layout_of is not means:
+            self._layout = ObjectLayout.of_groups(object_groups(means, self.cfg.spacing), self.n_objects)
+            self._layout_of = means
+        return self._layout
+
     def _visibility(self, p: dict[str, Tensor], views: Sequence[np.ndarray]) -> Tensor:
-        cw, kk = self.pv.cameras(views)
         m, q, s, o, _ = self.activated(p)
-        return blending_weights(render, m, q, s, o, cw, kk, self.pv.width, self.pv.height)
+        W, H, layout = self.pv.width, self.pv.height, self.layout()
+        if layout is None:
+            cw, kk = self.pv.cameras(views)
+            return blending_weights(render, m, q, s, o, cw, kk, W, H)
+        k, total = self.VISIBILITY_VIEWS, torch.zeros(len(m), device=m.device)
+        for a in range(0, max(len(v) for v in views), k):  # a few views of every object per call
+            cw, kk, valid = self.pv.cameras_per_object([v[a:a + k] for v in views])
+            total += blending_weights(render, m, q, s, o, cw, kk, W, H, layout=layout, camera_valid=valid)
+        return total
 
     def splats(self) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Any]]:
-        """The Gaussians to render (activated) and what the strategy reads beside the render's meta."""
-        return self.activated(self.params), {"gaussian_ids": None}
+        """The Gaussians to render (activated, flat) and what the strategy reads beside the render's meta
+        (``layout``: draw each object into its own views, None for one object)."""
+        return self.activated(self.params), {"gaussian_ids": None, "layout": self.layout()}
 
     def stats(self) -> dict[str, int]:
         return {"n_gaussians": len(self.params["means"])}

@@ -3,11 +3,23 @@
 **Many objects at once.** Objects are *packed in space*: object ``b`` is
 translated by ``b · spacing`` along x, together with its cameras. One
 parameter set then holds every object's Gaussians, one ``render`` call draws
-every object's views (each camera sees only its own object: the others are
-far outside its frustum and depth range), and gsplat's strategy works
+every object's views (each camera sees only its own object: when the whole set
+is drawn into every view, the far plane at half the spacing hides the others;
+before it was added, a view looking along x drew its neighbour ~90 units away,
+a few pixels wide, inside the old far plane of 100), and gsplat's strategy works
 unchanged on the whole set. The object a Gaussian belongs to is read back from
 its x coordinate (:func:`gaussian_atlas.prune.object_groups`). On a GPU this
 turns many small launches into few large ones; on a CPU fit one object at a time.
+
+**Each object into its own views.** Drawing the whole set into every view costs
+gsplat's unpacked projection ``[C, N]`` entries per tensor with ``C`` ∝ objects and
+``N`` ∝ objects: memory quadratic in the batch (64 objects × 4 views × 2.4M Gaussians
+peaked at 110 GiB on an H200). :class:`ObjectLayout` gathers the flat set into gsplat's
+batch dimensions, ``[B, M, ...]`` (M = the largest object's count, empty slots
+transparent), and :meth:`PackedViews.render` draws row b only into object b's views
+``[B, C, 4, 4]``: ``B·C·M`` entries, linear in the batch, and no camera can see a
+neighbour. The strategy gets the statistics back in gsplat's packed layout over the
+flat set (:meth:`ObjectLayout.packed_info`).
 """
 
 from __future__ import annotations
@@ -20,9 +32,80 @@ import torch
 from torch import Tensor
 
 from ..gaussians import Gaussians
-from ..render import render
+from ..render import RenderOutput, render
 from .config import FitConfig, FitInput
 from .losses import psnr, ssim
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Where each Gaussian of a packed (flat) parameter set sits when every object is drawn on its own.
+
+    Slot ``(b, j)`` of the batch ``[B, M]`` holds flat Gaussian ``src[b, j]``; empty slots
+    hold ``n`` (one past the last: a transparent stand-in). Inside an object the flat order
+    is kept, so depth ties resolve as in the flat set.
+    """
+
+    src: Tensor  # [B, M] long: flat index of the Gaussian in each slot, n for an empty slot
+    n: int  # Gaussians in the flat set
+
+    @classmethod
+    def of_groups(cls, groups: Tensor, n_objects: int) -> "ObjectLayout":
+        """The layout of Gaussians whose object is ``groups [N]`` (long, in ``[0, n_objects)``).
+
+        Raises ``ValueError`` when a Gaussian's object is outside the batch (it drifted off its packing slot).
+        """
+        N, dev = groups.shape[0], groups.device
+        if N and (int(groups.min()) < 0 or int(groups.max()) >= n_objects):
+            raise ValueError(f"Gaussians assigned to objects {int(groups.min())}..{int(groups.max())}, outside the "
+                             f"batch of {n_objects}: one drifted off its packing slot (fit.spacing too small?)")
+        counts = torch.bincount(groups, minlength=n_objects)  # [B]
+        M = max(int(counts.max()) if N else 0, 1)
+        order = torch.sort(groups, stable=True).indices  # [N] flat indices, object by object, flat order kept
+        g = groups[order]
+        slot = torch.arange(N, device=dev) - (torch.cumsum(counts, 0) - counts)[g]  # [N] slot within its object
+        src = torch.full((n_objects, M), N, dtype=torch.long, device=dev)
+        src[g, slot] = order
+        return cls(src, N)
+
+    @property
+    def n_objects(self) -> int:
+        return self.src.shape[0]
+
+    def pad(self, t: Tensor, fill: float | Sequence[float]) -> Tensor:  # [N, ...] -> [B, M, ...]
+        """``t``'s rows in the batch layout, ``fill`` in empty slots (differentiable w.r.t. ``t``)."""
+        row = torch.as_tensor(fill, dtype=t.dtype, device=t.device).expand((1,) + tuple(t.shape[1:]))
+        return torch.cat([t, row])[self.src]
+
+    def pad_splats(self, splats: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Activated ``(means [N, 3], quats [N, 4], scales [N, 3], opacities [N], colours [N, D])`` as
+        ``[B, M, ...]``; empty slots are transparent (opacity 0: culled by both renderers)."""
+        m, q, s, o, c = splats
+        return (self.pad(m, 0.0), self.pad(q, (1.0, 0.0, 0.0, 0.0)), self.pad(s, 1e-3), self.pad(o, 0.0),
+                self.pad(c, 0.0))
+
+    def packed_info(self, info: dict[str, Any]) -> dict[str, Any]:
+        """After ``backward``: a per-object render's meta (unpacked ``[B, C, M, ...]``) in gsplat's packed
+        layout over the flat set, for a gsplat strategy's ``step_post_backward(..., packed=True)``.
+
+        ``means2d`` becomes a stand-in ``[nnz, 2]`` whose ``.grad`` (and ``.absgrad``) hold the gradients of
+        the visible (view, Gaussian) pairs of real views (``info["camera_valid"] [B, C]``), ``radii [nnz, 2]``,
+        ``gaussian_ids [nnz]`` flat indices, ``n_cameras`` the real views (the loss's mean is over them),
+        so DefaultStrategy's statistics equal those of the flat set drawn into every view.
+        """
+        radii = info["radii"]  # [B, C, M, 2]
+        sel = (radii > 0).all(-1)  # [B, C, M]
+        if info.get("camera_valid") is not None:
+            sel &= info["camera_valid"][:, :, None]
+        b, c, j = torch.nonzero(sel, as_tuple=True)  # [nnz]
+        m2 = info["means2d"]  # [B, C, M, 2]
+        grad = m2.grad[b, c, j] if m2.grad is not None else torch.zeros(len(b), 2, device=radii.device)
+        proxy = torch.zeros_like(grad)  # [nnz, 2]
+        proxy.grad = grad
+        if getattr(m2, "absgrad", None) is not None:
+            proxy.absgrad = m2.absgrad[b, c, j]
+        return {**info, "means2d": proxy, "radii": radii[b, c, j], "gaussian_ids": self.src[b, j],
+                "n_cameras": info["n_images"]}
 
 
 def resize_views(obj: FitInput, side: int) -> FitInput:
@@ -56,14 +139,71 @@ class PackedViews:
     alpha: list[Tensor]  # B × [V, H, W]
     c2w: list[Tensor]  # B × [V, 4, 4], shifted by the object's offset
     K: list[Tensor]  # B × [V, 3, 3]
+    # When every object has the same views V: the lists above are views into these [B, V, ...] tensors, and
+    # equal-length view draws are gathered in one indexing op per tensor instead of B (the per-step host work)
+    stacked: dict[str, Tensor] | None = None
+
+    def _gather(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor] | None:
+        """``(object index [B, 1], view index [B, n])`` on the device when ``stacked`` and every draw has n views."""
+        if self.stacked is None or len({len(v) for v in views}) != 1:
+            return None
+        dev = self.stacked["c2w"].device
+        return (torch.arange(len(views), device=dev)[:, None],
+                torch.from_numpy(np.stack(views).astype(np.int64)).to(dev, non_blocking=True))
+
+    @property
+    def far(self) -> float:
+        """Far plane of the packed views: half the packing distance (objects lie in the unit ball and cameras a
+        few units from them, so nothing of a neighbour is nearer), 100 for a single object."""
+        return 0.5 * float(self.offsets[1] - self.offsets[0]) if len(self.offsets) > 1 else 100.0
 
     def cameras(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         """Cameras of ``views[b]`` of every object b, concatenated: ``[ΣV_b, 4, 4]``, ``[ΣV_b, 3, 3]``."""
+        if (g := self._gather(views)) is not None:
+            return self.stacked["c2w"][g].flatten(0, 1), self.stacked["K"][g].flatten(0, 1)
         return (torch.cat([self.c2w[b][v] for b, v in enumerate(views)]),
                 torch.cat([self.K[b][v] for b, v in enumerate(views)]))
 
+    def cameras_per_object(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor, Tensor]:
+        """Cameras of ``views[b]`` in gsplat's batch layout: ``[B, C, 4, 4]``, ``[B, C, 3, 3]`` and which are
+        real ``[B, C]`` bool (C = the longest list; shorter lists are padded with a copy of a real view)."""
+        if (g := self._gather(views)) is not None:
+            return (self.stacked["c2w"][g], self.stacked["K"][g],
+                    torch.ones(g[1].shape, dtype=torch.bool, device=g[1].device))
+        C = max(len(v) for v in views)
+        idx = [np.concatenate([v, np.full(C - len(v), v[0] if len(v) else 0)]).astype(np.int64) for v in views]
+        valid = torch.tensor(np.arange(C)[None, :] < np.array([len(v) for v in views])[:, None],
+                             device=self.c2w[0].device)
+        return (torch.stack([self.c2w[b][i] for b, i in enumerate(idx)]),
+                torch.stack([self.K[b][i] for b, i in enumerate(idx)]), valid)
+
+    def render(self, splats: Sequence[Tensor], views: Sequence[np.ndarray], layout: ObjectLayout | None = None,
+               **kwargs: Any) -> RenderOutput:
+        """Draw the packed Gaussians into ``views`` of every object: ``rgb [ΣV_b, H, W, 3]``, ``alpha [ΣV_b, H, W, 1]``.
+
+        ``splats`` are the flat set's activated tensors ``(means [N, 3], ...)``. Without ``layout`` the whole
+        set is drawn into every view (one gsplat camera batch: memory ∝ views × Gaussians). With it each
+        object's Gaussians go only into its own views (gsplat's batch dimensions: memory ∝ Gaussians);
+        ``meta`` then is the render's unpacked ``[B, C, M, ...]`` meta plus ``layout``, ``camera_valid [B, C]``
+        and ``n_images`` for :meth:`ObjectLayout.packed_info`. ``kwargs`` go to :func:`~gaussian_atlas.render.render`.
+        """
+        if layout is None:
+            cw, kk = self.cameras(views)
+            return render(tuple(splats), cw, kk, self.width, self.height, **{"far": self.far, **kwargs})
+        cw, kk, valid = self.cameras_per_object(views)  # [B, C, 4, 4], [B, C, 3, 3], [B, C]
+        out = render(layout.pad_splats(splats), cw, kk, self.width, self.height, **kwargs)
+        n_images = sum(len(v) for v in views)
+        if n_images == valid.numel():  # every view real: [B, C, ...] -> [B·C, ...], object-major as `targets`
+            rgb, alpha = out.rgb.flatten(0, 1), out.alpha.flatten(0, 1)
+        else:
+            rgb, alpha = out.rgb[valid], out.alpha[valid]
+        meta = dict(out.meta, layout=layout, camera_valid=valid, n_images=n_images)
+        return RenderOutput(rgb=rgb, alpha=alpha, meta=meta)
+
     def targets(self, views: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
         """Reference images of ``views``: rgb ``[ΣV_b, H, W, 3]``, alpha ``[ΣV_b, H, W]``."""
+        if (g := self._gather(views)) is not None:
+            return self.stacked["rgb"][g].flatten(0, 1), self.stacked["alpha"][g].flatten(0, 1)
         return (torch.cat([self.rgb[b][v] for b, v in enumerate(views)]),
                 torch.cat([self.alpha[b][v] for b, v in enumerate(views)]))
 
@@ -103,13 +243,19 @@ def pack_views(objects: Sequence[FitInput], cfg: FitConfig, device: torch.device
         train = np.setdiff1d(np.arange(V), test) if V > 1 else np.arange(V)
         train_idx.append(train)
         test_idx.append(test)
-        rgb.append(torch.from_numpy(o.rgb).float().to(device))
-        alpha.append(torch.from_numpy(o.alpha).float().to(device))
+        rgb.append(torch.from_numpy(o.rgb).float())
+        alpha.append(torch.from_numpy(o.alpha).float())
         m = torch.tensor(o.c2w, dtype=torch.float32)  # a copy: the caller's cameras stay unshifted
         m[:, 0, 3] += offsets[b]
-        c2w.append(m.to(device))
-        K.append(torch.from_numpy(o.K).float().to(device))
-    return objects, PackedViews(W, H, offsets, train_idx, test_idx, rgb, alpha, c2w, K)
+        c2w.append(m)
+        K.append(torch.from_numpy(o.K).float())
+    stacked = None
+    if len({len(o.rgb) for o in objects}) == 1:  # one [B, V, ...] tensor each; the lists become views into them
+        stacked = {k: torch.stack(t).to(device) for k, t in (("rgb", rgb), ("alpha", alpha), ("c2w", c2w), ("K", K))}
+        rgb, alpha, c2w, K = (list(stacked[k].unbind(0)) for k in ("rgb", "alpha", "c2w", "K"))
+    else:
+        rgb, alpha, c2w, K = ([t.to(device) for t in ts] for ts in (rgb, alpha, c2w, K))
+    return objects, PackedViews(W, H, offsets, train_idx, test_idx, rgb, alpha, c2w, K, stacked)
 
 
 def initial_points(obj: FitInput, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
