@@ -259,6 +259,13 @@ def assign(
     doubling). Dual updates keep every reduced cost >= 0 and new pairs within ε, so
     ε-CS, and the bound above, still hold.
 
+    *Fused steps* (``kernels="triton"``, ``gaussian_atlas._assign_triton``): a bidding round
+    is 2 Triton kernels (a row scan per bidder for the top-2 and a packed 64-bit
+    ``atomic_max`` of (bid, bidder) per object; then the winners' updates and the next free
+    list) and a search step 4 (row max, column-block row-min into the slacks, dual update and
+    forest growth, stop test) instead of a few dozen torch ops each; every pending forest row
+    is expanded in every step. Same state, phases and certificate as the torch steps.
+
     *Certificate*: after each phase the dual value
     ``sum_i min_j (c_ij + p_j) - sum_j p_j`` is a lower bound on the optimum, so
     ``cost - lower_bound = sum_i slack_i <= N ε`` is a certified gap; ``rtol`` stops on it.
@@ -309,26 +316,30 @@ def assign(
         xt, yt = xt[None], yt[None]  # [1, N, D]
     elif yt.dim() == 2:
         yt = yt[None]  # [1, N, D], shared
-    if kernels == "auto":
+    auto = kernels == "auto"
+    if auto:
         kernels = "triton" if device.type == "cuda" and triton_available() else "torch"
     elif kernels == "triton" and not triton_available():
         raise ImportError("kernels='triton' needs triton (pip install triton)")
-    solve = partial(_auction, kernels=kernels)
-    if device.type == "cuda" and xt.shape[0] > 1 and streams > 1:
-        solve = partial(_auction_streams, streams=streams, kernels=kernels)
-    perm_t, info = solve(
-        xt,
-        yt,
-        eps=eps,
-        rtol=rtol,
-        eps_start=eps_start,
-        eps_factor=eps_factor,
-        max_bidders=max_bidders,
-        tail=tail,
-        rounds_per_sync=rounds_per_sync,
-        cuda_graphs=cuda_graphs,
-        compile=compile,
-    )
+
+    def solve(kern: str) -> tuple[torch.Tensor, AuctionInfo]:
+        fn = partial(_auction, kernels=kern)
+        if device.type == "cuda" and xt.shape[0] > 1 and streams > 1:
+            fn = partial(_auction_streams, streams=streams, kernels=kern)
+        return fn(xt, yt, eps=eps, rtol=rtol, eps_start=eps_start, eps_factor=eps_factor, max_bidders=max_bidders,
+                  tail=tail, rounds_per_sync=rounds_per_sync, cuda_graphs=cuda_graphs, compile=compile)
+
+    try:
+        perm_t, info = solve(kernels)
+    except Exception as e:  # "auto" only: a triton that cannot build these kernels here
+        if not (auto and kernels == "triton"):
+            raise
+        import warnings
+
+        global _TRITON_OK
+        _TRITON_OK = False
+        warnings.warn(f"assign: the fused Triton steps failed ({e!r:.300}); using the torch steps", stacklevel=2)
+        perm_t, info = solve("torch")
     if return_info:  # report the cost of the caller's data in float64 (the solver ran in float32)
         x64 = torch.as_tensor(x, device=device).double().reshape(xt.shape)  # [B, N, D]
         y64 = torch.as_tensor(y, device=device).double().reshape(yt.shape).expand_as(x64)

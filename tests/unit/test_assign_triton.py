@@ -21,6 +21,10 @@ from gaussian_atlas.assign import _Solver, assign, assignment_cost  # noqa: E402
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_CUDA_TIES = pytest.mark.skipif(
+    DEV.type == "cuda", reason="torch's CUDA max/min pick any of tied entries: exact-tie comparisons need the CPU")
+
+
 def _interpreter_compat() -> None:
     """Triton <= 3.6's interpreter casts scalars with ``int(array[1])``, an error since numpy 2.4."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -85,7 +89,8 @@ def _free_set(st: TritonSolver, b: int) -> set[int]:
 
 
 @pytest.mark.parametrize("b,n,d,n_free,seed,integer", [(1, 64, 3, 64, 0, False), (2, 96, 3, 20, 1, False),
-                                                       (1, 200, 2, 7, 2, False), (2, 80, 3, 80, 3, True)])
+                                                       (1, 200, 2, 7, 2, False),
+                                                       pytest.param(2, 80, 3, 80, 3, True, marks=_CUDA_TIES)])
 def test_bid_rounds_match_torch(b, n, d, n_free, seed, integer):
     """Same bids, same winners (largest bid, ties to the largest bidder), same displaced owners.
 
@@ -117,8 +122,9 @@ def _near_end_state(b: int, n: int, d: int, seed: int, max_free: int, integer: b
     return ref, fused
 
 
-@pytest.mark.parametrize("b,n,d,seed,integer", [(1, 64, 3, 3, False), (2, 128, 3, 4, False), (1, 160, 2, 5, True),
-                                                (2, 96, 3, 6, True)])
+@pytest.mark.parametrize("b,n,d,seed,integer", [(1, 64, 3, 3, False), (2, 128, 3, 4, False),
+                                                pytest.param(1, 160, 2, 5, True, marks=_CUDA_TIES),
+                                                pytest.param(2, 96, 3, 6, True, marks=_CUDA_TIES)])
 def test_search_steps_match_torch(b, n, d, seed, integer):
     """Step by step: the same forest, slacks, dual updates, predecessors, pending rows and paths.
 
