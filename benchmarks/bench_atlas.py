@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ply-max", type=int, default=4)
     ap.add_argument("--ply-reader", choices=("inria", "gaussianverse"), default="inria")
     ap.add_argument("--rtol", type=float, default=None, help="auction rtol (default: the library's)")
+    ap.add_argument("--tails", default="",
+                    help="also time one object with the fused kernels at these tails (comma-separated; the "
+                         "library's default is max(16, N // 1024))")
     ap.add_argument("--repeats", type=int, default=3, help="timed auction calls per measurement (median)")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the raw results (with machine, versions, commit, command) here after every section")
@@ -199,21 +202,28 @@ def main(argv: list[str] | None = None) -> dict:
         t, (p, info) = _timed(lambda: assign(x_t, y_t, "auction", kernels=kern, return_info=True, **extra, **kw),
                               sync, args.repeats)
         cost = assignment_cost(x_np, y_np, p.cpu().numpy())
+        hist = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in h.items()} for h in info.history]
+        bid_s, search_s = sum(h["bid_s"] for h in hist), sum(h["search_s"] for h in hist)
         return dict(s=t, first_call_s=first, cost=float(cost), certified_gap=float(info.rel_gap[0]),
                     phases=info.phases, rounds=info.rounds, search_steps=info.search_steps, searches=info.searches,
-                    syncs=info.syncs)
+                    augments=sum(h["augments"] for h in hist), syncs=info.syncs, bid_s=bid_s, search_s=search_s,
+                    us_per_round=1e6 * bid_s / max(1, info.rounds),
+                    us_per_search_step_incl_augment=1e6 * search_s / max(1, info.search_steps), history=hist)
 
     # ---- one object: every step implementation -----------------------------------------------------
     variants = [(k, k, {}) for k in kernels]
     if args.compile and dev.type == "cuda" and "torch" in kernels:
         variants.append(("torch+compile", "torch", {"compile": True}))
+    if "triton" in kernels:
+        variants += [(f"triton tail={t}", "triton", {"tail": int(t)}) for t in args.tails.split(",") if t]
     for tag, kern, extra in variants:
         try:
             r = res["single"][tag] = one(xs[0], x_dev[0], y, y_dev, kern, **extra)
             print(f"auction 1 object [{tag:13s}]: {r['s']:.3f} s  cost {r['cost']:.6f}  certified gap "
                   f"{r['certified_gap']:.2e}  ({r['phases']} phases, {r['rounds']} rounds, {r['search_steps']} "
-                  f"search steps, {r['searches']} searches, {r['syncs']} syncs; first call {r['first_call_s']:.2f} s)",
-                  flush=True)
+                  f"search steps, {r['augments']} path flips, {r['syncs']} syncs; first call {r['first_call_s']:.2f} s)"
+                  f"\n    bidding {r['bid_s']:.3f} s = {r['us_per_round']:.0f} us/round; searches {r['search_s']:.3f} s "
+                  f"= {r['us_per_search_step_incl_augment']:.0f} us/step incl. path flips", flush=True)
         except Exception as e:
             res["single"][tag] = {"error": repr(e)[:500]}
             print(f"auction 1 object [{tag}]: failed: {e!r:.500}", flush=True)

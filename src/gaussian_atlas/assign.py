@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -370,7 +371,9 @@ class AuctionInfo:
     searches: int = 0  # augmenting-path searches started (batch-wide, summed over items)
     search_steps: int = 0  # steps of the parallel Hungarian searches (batch-wide)
     syncs: int = 0  # device-to-host reads of the solver's progress
-    history: list = field(default_factory=list)  # per phase: dict(eps, rounds, search_steps, gap)
+    # per phase: dict(eps, rounds, search_steps, augments, gap, bid_s, search_s); the stage times are
+    # host wall times between progress reads (the GPU is idle at each read)
+    history: list = field(default_factory=list)
 
     @property
     def rel_gap(self) -> np.ndarray:
@@ -802,6 +805,7 @@ def _auction(
     while True:
         # ---- 1. Jacobi auction while many bidders are free -----------------------------
         rounds = 0
+        t_phase = time.perf_counter()  # stage times below are host times between syncs
         if fused:
             st.start_bidding()
         while True:
@@ -813,7 +817,8 @@ def _auction(
             st.run(("bid", k), lambda: st.step_bid(k), rounds_per_sync)
             rounds += rounds_per_sync
         # ---- 2. the last few by parallel Hungarian searches -----------------------------
-        steps = 0
+        t_bid = time.perf_counter()
+        steps = augments = 0
         if n_free > 0:
             st.mode.zero_()
             st.search_init()
@@ -824,6 +829,7 @@ def _auction(
                     break
                 if bool((modes == 2).any()):
                     info.searches += int((modes == 2).sum())
+                    augments += 1
                     st.run(("aug",), st.augment, 1)
                     continue
                 # fused steps expand every pending row: one graph
@@ -832,6 +838,7 @@ def _auction(
                 steps += rounds_per_sync
         info.rounds += rounds
         info.search_steps += steps
+        t_search = time.perf_counter()
 
         # ---- 3. certificate: gap = sum_i (max_j w_ij - w_i,obj(i)) <= N ε ----------------
         vmax, vown = st.slacks(chunk)  # [B, N] each
@@ -841,7 +848,8 @@ def _auction(
         cost = ((xs - ys.gather(1, perm[..., None].expand_as(xs))) ** 2).double().sum((1, 2))  # [B]
         e_now = st.eps[:, 0]
         info.history.append(
-            dict(eps=float(e_now.max()), rounds=rounds, search_steps=steps, gap=(gap / cost).cpu().numpy())
+            dict(eps=float(e_now.max()), rounds=rounds, search_steps=steps, augments=augments,
+                 gap=(gap / cost).cpu().numpy(), bid_s=t_bid - t_phase, search_s=t_search - t_bid)
         )
         info.phases += 1
         done |= (gap <= rtol_eff * cost) | (e_now <= e_min * (1 + 1e-6))
