@@ -347,3 +347,41 @@ class TritonSolver(_a._Solver):
         self.run(("search", 0), lambda: self.step_search(0), reps)
         self.run(("aug",), self.augment, 1)
         torch.cuda.current_stream(self.dev).synchronize()
+
+
+def compile_check(arch: int = 90, d: int = 3) -> dict[str, int]:
+    """Compile every kernel ahead of time for CUDA ``sm_<arch>`` (front end, LLVM and ptxas), no GPU needed.
+
+    Catches what Triton's interpreter cannot (typing of the control flow, lowering, register
+    allocation). Needs the compiled (not interpreted) kernels: run it without ``TRITON_INTERPRET=1``.
+    Returns the cubin size of each kernel, in bytes.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    f32, i32, i64, b1 = "*fp32", "*i32", "*i64", "*i1"
+    xy = dict(x_ptr=f32, yt_ptr=f32, y2_ptr=f32, price_ptr=f32)
+    c = "constexpr"
+    specs = {
+        _bid_kernel: (dict(**xy, eps_ptr=f32, list_ptr=i32, cnt_ptr=i32, cnt_next_ptr=i32, j1_ptr=i32, bid_ptr=f32,
+                           key_ptr=i64, N="i32", KG="i32", D=c, BLOCK=c), dict(D=d, BLOCK=_BID_BLOCK), _WARPS),
+        _resolve_kernel: (dict(list_ptr=i32, cnt_ptr=i32, list_next_ptr=i32, cnt_next_ptr=i32, j1_ptr=i32, bid_ptr=f32,
+                               key_ptr=i64, owner_ptr=i64, obj_ptr=i64, price_ptr=f32, N="i32", KG="i32", EMPTY="i64"),
+                          {}, 4),
+        _rowmax_kernel: (dict(**xy, mode_ptr=i64, list_ptr=i32, cnt_ptr=i32, rowmax_ptr=f32, N="i32", KG="i32", D=c,
+                              BLOCK=c), dict(D=d, BLOCK=_BID_BLOCK), _WARPS),
+        _colmin_kernel: (dict(**xy, mode_ptr=i64, list_ptr=i32, cnt_ptr=i32, rowmax_ptr=f32, slack_ptr=f32, pred_ptr=i64,
+                              in_tree_ptr=b1, part_ptr=f32, N="i32", NBLK="i32", D=c, BLOCK=c, ROWS=c),
+                         dict(D=d, BLOCK=_COL_BLOCK, ROWS=_ROWS), 4),
+        _update_kernel: (dict(price_ptr=f32, eps_ptr=f32, mode_ptr=i64, slack_ptr=f32, pred_ptr=i64, in_tree_ptr=b1,
+                              owner_ptr=i64, root_ptr=i64, end_ptr=i64, part_ptr=f32, list_next_ptr=i32,
+                              cnt_next_ptr=i32, left_ptr=i32, N="i32", NBLK="i32", NBLK_P2=c, BLOCK=c),
+                         dict(NBLK_P2=64, BLOCK=_COL_BLOCK), 4),
+        _finish_kernel: (dict(mode_ptr=i64, roots_ptr=i32, n_roots_ptr=i64, end_ptr=i64, left_ptr=i32, cnt_ptr=i32,
+                              N="i32", BLOCK=c), dict(BLOCK=256), 4),
+    }
+    out = {}
+    for fn, (sig, const, warps) in specs.items():
+        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        out[fn.__name__] = len(k.asm["cubin"])
+    return out
