@@ -47,7 +47,7 @@ from . import assign as _a
 # low 32 bits (0xFFFFFFFF) are no bidder's index
 _EMPTY = -(2**63) + 2**32 - 1
 _BID_BLOCK = 2048  # columns per iteration of a row scan
-_COL_BLOCK = 256  # columns per program of the column kernels
+_COL_BLOCK = 128  # columns per program of the column kernels (N = 16,384: 128 programs, ~1 per SM)
 _ROWS = 16  # pending rows per tile of the column-min kernel
 _WARPS = 8  # warps of the row-scan kernels
 
@@ -376,7 +376,7 @@ def compile_check(arch: int = 90, d: int = 3) -> dict[str, int]:
         _update_kernel: (dict(price_ptr=f32, eps_ptr=f32, mode_ptr=i64, slack_ptr=f32, pred_ptr=i64, in_tree_ptr=b1,
                               owner_ptr=i64, root_ptr=i64, end_ptr=i64, part_ptr=f32, list_next_ptr=i32,
                               cnt_next_ptr=i32, left_ptr=i32, N="i32", NBLK="i32", NBLK_P2=c, BLOCK=c),
-                         dict(NBLK_P2=64, BLOCK=_COL_BLOCK), 4),
+                         dict(NBLK_P2=128, BLOCK=_COL_BLOCK), 4),
         _finish_kernel: (dict(mode_ptr=i64, roots_ptr=i32, n_roots_ptr=i64, end_ptr=i64, left_ptr=i32, cnt_ptr=i32,
                               N="i32", BLOCK=c), dict(BLOCK=256), 4),
     }
