@@ -684,7 +684,9 @@ def clear_cache() -> None:
     _SOLVERS.clear()
 
 
-def _auction_streams(x: torch.Tensor, y: torch.Tensor, *, streams: int, kernels: str = "torch", **kw) -> tuple[torch.Tensor, AuctionInfo]:
+def _auction_streams(
+    x: torch.Tensor, y: torch.Tensor, *, streams: int, kernels: str = "torch", **kw
+) -> tuple[torch.Tensor, AuctionInfo]:
     """Batched auction on CUDA as up to ``streams`` independent solves on their own streams.
 
     One step of the solver is a few dozen small kernels that leave most of the GPU idle,
