@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "KERNELS",
     "METHODS",
     "AuctionInfo",
     "assign",
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 METHODS = ("auto", "scipy", "emd", "auction")
+KERNELS = ("auto", "torch", "triton")
 
 # "auto" on a CPU uses the exact scipy solver up to this size (scipy takes ~0.3 s at
 # N=2048 on a 2-core CPU and grows ~N^2.7), the auction above it.
@@ -156,6 +159,7 @@ def assign(
     cuda_graphs: bool = True,
     compile: bool = False,
     streams: int = 8,
+    kernels: str = "auto",
     return_info: bool = False,
 ) -> Any:
     r"""Assign each x_i to a distinct y_j, minimising the total squared distance.
@@ -213,6 +217,12 @@ def assign(
     streams : int
         CUDA, batched input: solve the items as up to this many independent solves on
         their own streams and host threads (they overlap on the GPU).
+    kernels : {"auto", "torch", "triton"}
+        How the auction's steps run. ``"torch"``: each bidding round / search step is a
+        few dozen torch ops. ``"triton"``: each is 2 / 4 fused Triton kernels
+        (``gaussian_atlas._assign_triton``; same algorithm and certificate, every pending
+        forest row expanded per step). ``"auto"``: triton on CUDA when it imports, torch
+        otherwise (``"triton"`` on a CPU tensor needs ``TRITON_INTERPRET=1``: tests only).
     return_info : bool
         Also return an :class:`AuctionInfo` (auction only; other methods give ``None``).
 
@@ -250,6 +260,13 @@ def assign(
     doubling). Dual updates keep every reduced cost >= 0 and new pairs within ε, so
     ε-CS, and the bound above, still hold.
 
+    *Fused steps* (``kernels="triton"``, ``gaussian_atlas._assign_triton``): a bidding round
+    is 2 Triton kernels (a row scan per bidder for the top-2 and a packed 64-bit
+    ``atomic_max`` of (bid, bidder) per object; then the winners' updates and the next free
+    list) and a search step 4 (row max, column-block row-min into the slacks, dual update and
+    forest growth, stop test) instead of a few dozen torch ops each; every pending forest row
+    is expanded in every step. Same state, phases and certificate as the torch steps.
+
     *Certificate*: after each phase the dual value
     ``sum_i min_j (c_ij + p_j) - sum_j p_j`` is a lower bound on the optimum, so
     ``cost - lower_bound = sum_i slack_i <= N ε`` is a certified gap; ``rtol`` stops on it.
@@ -269,6 +286,8 @@ def assign(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
     batch, n, d, _ = _check_inputs(x, y)
     is_torch = isinstance(x, torch.Tensor)
     device = x.device if is_torch else torch.device("cpu")
@@ -298,22 +317,30 @@ def assign(
         xt, yt = xt[None], yt[None]  # [1, N, D]
     elif yt.dim() == 2:
         yt = yt[None]  # [1, N, D], shared
-    solve = _auction
-    if device.type == "cuda" and xt.shape[0] > 1 and streams > 1:
-        solve = partial(_auction_streams, streams=streams)
-    perm_t, info = solve(
-        xt,
-        yt,
-        eps=eps,
-        rtol=rtol,
-        eps_start=eps_start,
-        eps_factor=eps_factor,
-        max_bidders=max_bidders,
-        tail=tail,
-        rounds_per_sync=rounds_per_sync,
-        cuda_graphs=cuda_graphs,
-        compile=compile,
-    )
+    auto = kernels == "auto"
+    if auto:
+        kernels = "triton" if device.type == "cuda" and triton_available() else "torch"
+    elif kernels == "triton" and not triton_available():
+        raise ImportError("kernels='triton' needs triton (pip install triton)")
+
+    def solve(kern: str) -> tuple[torch.Tensor, AuctionInfo]:
+        fn = partial(_auction, kernels=kern)
+        if device.type == "cuda" and xt.shape[0] > 1 and streams > 1:
+            fn = partial(_auction_streams, streams=streams, kernels=kern)
+        return fn(xt, yt, eps=eps, rtol=rtol, eps_start=eps_start, eps_factor=eps_factor, max_bidders=max_bidders,
+                  tail=tail, rounds_per_sync=rounds_per_sync, cuda_graphs=cuda_graphs, compile=compile)
+
+    try:
+        perm_t, info = solve(kernels)
+    except Exception as e:  # "auto" only: a triton that cannot build these kernels here
+        if not (auto and kernels == "triton"):
+            raise
+        import warnings
+
+        global _TRITON_OK
+        _TRITON_OK = False
+        warnings.warn(f"assign: the fused Triton steps failed ({e!r:.300}); using the torch steps", stacklevel=2)
+        perm_t, info = solve("torch")
     if return_info:  # report the cost of the caller's data in float64 (the solver ran in float32)
         x64 = torch.as_tensor(x, device=device).double().reshape(xt.shape)  # [B, N, D]
         y64 = torch.as_tensor(y, device=device).double().reshape(yt.shape).expand_as(x64)
@@ -344,7 +371,9 @@ class AuctionInfo:
     searches: int = 0  # augmenting-path searches started (batch-wide, summed over items)
     search_steps: int = 0  # steps of the parallel Hungarian searches (batch-wide)
     syncs: int = 0  # device-to-host reads of the solver's progress
-    history: list = field(default_factory=list)  # per phase: dict(eps, rounds, search_steps, gap)
+    # per phase: dict(eps, rounds, search_steps, augments, gap, bid_s, search_s); the stage times are
+    # host wall times between progress reads (the GPU is idle at each read)
+    history: list = field(default_factory=list)
 
     @property
     def rel_gap(self) -> np.ndarray:
@@ -610,20 +639,44 @@ _SOLVER_LOCK = threading.Lock()
 _CAPTURE_LOCK = threading.Lock()
 
 
-def _get_solver(b: int, n: int, d: int, dev: torch.device, graphs: bool, compile: bool, slot: int = 0) -> _Solver:
-    key = (b, n, d, str(dev), graphs, compile, slot)
+def _get_solver(b: int, n: int, d: int, dev: torch.device, graphs: bool, compile: bool, slot: int = 0,
+                kernels: str = "torch") -> _Solver:
+    key = (b, n, d, str(dev), graphs, compile, slot, kernels)
     with _SOLVER_LOCK:
-        return _get_solver_locked(key, b, n, d, dev, graphs, compile)
+        return _get_solver_locked(key, b, n, d, dev, graphs, compile, kernels)
 
 
-def _get_solver_locked(key, b, n, d, dev, graphs, compile) -> _Solver:
+def _get_solver_locked(key, b, n, d, dev, graphs, compile, kernels="torch") -> _Solver:
     st = _SOLVERS.pop(key, None)
     if st is None:
         while len(_SOLVERS) >= _SOLVER_CACHE_SIZE:
             _SOLVERS.pop(next(iter(_SOLVERS)))
-        st = _Solver(b, n, d, dev, graphs, compile)
+        if kernels == "triton":
+            from ._assign_triton import TritonSolver
+
+            st = TritonSolver(b, n, d, dev, graphs, compile)
+        else:
+            st = _Solver(b, n, d, dev, graphs, compile)
     _SOLVERS[key] = st  # most recent last
     return st
+
+
+def triton_available() -> bool:
+    """Whether the fused Triton kernels of the auction can be used (triton imports)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            from . import _assign_triton  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a triton that does not fit this torch
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+_TRITON_OK: bool | None = None
 
 
 def clear_cache() -> None:
@@ -631,7 +684,9 @@ def clear_cache() -> None:
     _SOLVERS.clear()
 
 
-def _auction_streams(x: torch.Tensor, y: torch.Tensor, *, streams: int, **kw) -> tuple[torch.Tensor, AuctionInfo]:
+def _auction_streams(
+    x: torch.Tensor, y: torch.Tensor, *, streams: int, kernels: str = "torch", **kw
+) -> tuple[torch.Tensor, AuctionInfo]:
     """Batched auction on CUDA as up to ``streams`` independent solves on their own streams.
 
     One step of the solver is a few dozen small kernels that leave most of the GPU idle,
@@ -647,9 +702,10 @@ def _auction_streams(x: torch.Tensor, y: torch.Tensor, *, streams: int, **kw) ->
     n, d = x.shape[1], x.shape[2]
     graphs = kw["cuda_graphs"]
     for w in range(s):  # capture every graph here, so the lanes only replay them
-        st = _get_solver(1, n, d, dev, graphs, kw.get("compile", False), slot=1 + w)
+        st = _get_solver(1, n, d, dev, graphs, kw.get("compile", False), slot=1 + w, kernels=kernels)
         if graphs and not st._graphs:
-            st.capture_all(max(1, min(kw["max_bidders"], n)), kw["rounds_per_sync"])
+            reps = kw["rounds_per_sync"] + kw["rounds_per_sync"] % 2 if kernels == "triton" else kw["rounds_per_sync"]
+            st.capture_all(max(1, min(kw["max_bidders"], n)), reps)
 
     def lane(w: int) -> list:
         out = []
@@ -657,7 +713,7 @@ def _auction_streams(x: torch.Tensor, y: torch.Tensor, *, streams: int, **kw) ->
             lanes[w].wait_stream(main)
             for i in range(w, b, s):
                 yi = y[i : i + 1] if y.shape[0] > 1 else y
-                out.append((i, _auction(x[i : i + 1], yi, slot=1 + w, **kw)))
+                out.append((i, _auction(x[i : i + 1], yi, slot=1 + w, kernels=kernels, **kw)))
         return out
 
     with ThreadPoolExecutor(max_workers=s) as pool:
@@ -709,6 +765,7 @@ def _auction(
     cuda_graphs: bool,
     compile: bool = False,
     slot: int = 0,
+    kernels: str = "torch",
 ) -> tuple[torch.Tensor, AuctionInfo]:
     b, n, _ = x.shape
     dev = x.device
@@ -724,7 +781,10 @@ def _auction(
     shift = x.mean(1, keepdim=True)  # [B, 1, D]
     xs = x - shift  # [B, N, D]
     ys = (y - shift).expand(b, n, -1)  # [B, N, D]
-    st = _get_solver(b, n, xs.shape[2], dev, cuda_graphs and dev.type == "cuda", compile, slot)
+    st = _get_solver(b, n, xs.shape[2], dev, cuda_graphs and dev.type == "cuda", compile, slot, kernels)
+    fused = kernels == "triton"
+    if fused:  # every captured graph must end at list parity 0
+        rounds_per_sync += rounds_per_sync % 2
     st.load(xs, ys)
 
     # cost scale: squared diameter of the bounding box of both sets, per item
@@ -747,6 +807,9 @@ def _auction(
     while True:
         # ---- 1. Jacobi auction while many bidders are free -----------------------------
         rounds = 0
+        t_phase = time.perf_counter()  # stage times below are host times between syncs
+        if fused:
+            st.start_bidding()
         while True:
             n_free = int((st.obj[:, :n] < 0).sum(1).max())  # host sync
             info.syncs += 1
@@ -756,7 +819,8 @@ def _auction(
             st.run(("bid", k), lambda: st.step_bid(k), rounds_per_sync)
             rounds += rounds_per_sync
         # ---- 2. the last few by parallel Hungarian searches -----------------------------
-        steps = 0
+        t_bid = time.perf_counter()
+        steps = augments = 0
         if n_free > 0:
             st.mode.zero_()
             st.search_init()
@@ -767,13 +831,16 @@ def _auction(
                     break
                 if bool((modes == 2).any()):
                     info.searches += int((modes == 2).sum())
+                    augments += 1
                     st.run(("aug",), st.augment, 1)
                     continue
-                k = _pow2_at_least(int(st.pending[:, :n].sum(1).max()), k_cap)
+                # fused steps expand every pending row: one graph
+                k = 0 if fused else _pow2_at_least(int(st.pending[:, :n].sum(1).max()), k_cap)
                 st.run(("search", k), lambda: st.step_search(k), rounds_per_sync)
                 steps += rounds_per_sync
         info.rounds += rounds
         info.search_steps += steps
+        t_search = time.perf_counter()
 
         # ---- 3. certificate: gap = sum_i (max_j w_ij - w_i,obj(i)) <= N ε ----------------
         vmax, vown = st.slacks(chunk)  # [B, N] each
@@ -783,7 +850,8 @@ def _auction(
         cost = ((xs - ys.gather(1, perm[..., None].expand_as(xs))) ** 2).double().sum((1, 2))  # [B]
         e_now = st.eps[:, 0]
         info.history.append(
-            dict(eps=float(e_now.max()), rounds=rounds, search_steps=steps, gap=(gap / cost).cpu().numpy())
+            dict(eps=float(e_now.max()), rounds=rounds, search_steps=steps, augments=augments,
+                 gap=(gap / cost).cpu().numpy(), bid_s=t_bid - t_phase, search_s=t_search - t_bid)
         )
         info.phases += 1
         done |= (gap <= rtol_eff * cost) | (e_now <= e_min * (1 + 1e-6))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaussian_atlas.assign import METHODS, assign, assignment_cost, fibonacci_sphere
+from gaussian_atlas.assign import KERNELS, METHODS, assign, assignment_cost, fibonacci_sphere, triton_available
 
 
 def _problem(n: int, d: int, seed: int, batch: int | None = None, integer: bool = False):
@@ -153,6 +153,40 @@ def test_unknown_method_raises():
         assert m in str(e.value)
 
 
+def test_unknown_kernels_raises():
+    x, y = _problem(8, 2, seed=0)
+    with pytest.raises(ValueError) as e:
+        assign(x, y, "auction", kernels="cuda")
+    for k in KERNELS:
+        assert k in str(e.value)
+
+
+def test_importable_and_solves_without_triton():
+    """With triton unimportable: the package imports, "auto" takes the torch steps, "triton" says why not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import numpy as np, gaussian_atlas, gaussian_atlas.assign as a\n"
+        "assert not a.triton_available()\n"
+        "x = np.random.default_rng(0).normal(size=(32, 3))\n"
+        "p = a.assign(x, a.fibonacci_sphere(32), 'auction', kernels='auto')\n"
+        "assert sorted(p.tolist()) == list(range(32))\n"
+        "try:\n"
+        "    a.assign(x, a.fibonacci_sphere(32), 'auction', kernels='triton')\n"
+        "except ImportError as e:\n"
+        "    assert 'triton' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    src = Path(__file__).resolve().parents[2] / "src"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(src)})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_bad_shapes_raise():
     x, y = _problem(8, 2, seed=0)
     with pytest.raises(ValueError):
@@ -197,18 +231,27 @@ def test_fibonacci_sphere_points():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
-def test_cuda_auction_matches_cpu_bound():
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_cuda_auction_matches_cpu_bound(kernels):
+    if kernels == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
     x, y = _problem(1024, 3, seed=12)
     opt = _optimum(x, y)
     xt = torch.tensor(x, dtype=torch.float32, device="cuda")
     yt = torch.tensor(y, dtype=torch.float32, device="cuda")
-    p = assign(xt, yt, "auction", eps=1e-5)
+    p = assign(xt, yt, "auction", eps=1e-5, kernels=kernels)
     assert p.device.type == "cuda" and _is_perm(p.cpu().numpy())
     assert assignment_cost(x, y, p.cpu().numpy()) <= opt + 1024 * 1e-5 + 1e-9
     # batched: independent solves on several streams
     xb = torch.stack([xt, xt.flip(0), xt * 0.5])
-    pb = assign(xb, yt, "auction", eps=1e-5, streams=3)
+    pb = assign(xb, yt, "auction", eps=1e-5, streams=3, kernels=kernels)
     assert pb.shape == (3, 1024) and _is_perm(pb.cpu().numpy())
     for b in range(3):
         xb_np = xb[b].double().cpu().numpy()
         assert assignment_cost(xb_np, y, pb[b].cpu().numpy()) <= _optimum(xb_np, y) + 1024 * 1e-5 + 1e-6
+    # batched: one solve over [3, N, 3] (per-item modes inside the kernels)
+    pb1 = assign(xb, yt, "auction", eps=1e-5, streams=1, kernels=kernels)
+    for b in range(3):
+        xb_np = xb[b].double().cpu().numpy()
+        assert _is_perm(pb1[b].cpu().numpy())
+        assert assignment_cost(xb_np, y, pb1[b].cpu().numpy()) <= _optimum(xb_np, y) + 1024 * 1e-5 + 1e-6
