@@ -498,6 +498,15 @@ def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict,
                "n_gaussians_mean": float(np.mean([p["n_gaussians"] for p in per])),
                "n_gaussians_max": int(np.max([p["n_gaussians"] for p in per])), "objects": per}
         rows.append(row)
+        if args.save_plys and not report.get("saved_plys"):  # fitted objects for the atlas benchmark
+            from gaussian_atlas.gaussians import write_ply
+
+            out = Path(args.save_plys)
+            out.mkdir(parents=True, exist_ok=True)
+            distinct = [(o, r) for o, r in zip(objs, res) if "#" not in o.id]  # meshes first, then procedural
+            picked = distinct[::max(1, len(distinct) // max(1, args.save_plys_max))][:args.save_plys_max]
+            report["saved_plys"] = [str(write_ply(out / f"{o.id}.ply", r.gaussians)) for o, r in picked]
+            print(f"(e) saved {len(picked)} fitted objects to {out} (batch {size})", flush=True)
         mem = f"{row['peak_memory_gib']:.1f} GiB peak" if row["peak_memory_gib"] is not None else "CPU"
         print(f"(e) batch {size:4d}: {row['objects_per_minute']:.1f} objects/min (target >= 50), {s:.0f} s, {mem}, "
               f"PSNR mean {row['psnr_mean']:.2f} min {row['psnr_min']:.2f} dB, Gaussians mean "
@@ -572,6 +581,9 @@ def main() -> None:
     ap.add_argument("--reference-on-cpu", action="store_true",
                     help="(r) without CUDA: run the loop through our torch renderer (a smoke test)")
     ap.add_argument("--reference-worker", default=None, help=argparse.SUPPRESS)  # "k/n": shard k of n, then exit
+    ap.add_argument("--save-plys", default="", help="(e) write the first completed batch's first fitted objects "
+                    "(PLY) here, e.g. for bench_atlas --ply-dir")
+    ap.add_argument("--save-plys-max", type=int, default=4, help="(e) how many objects --save-plys writes")
     ap.add_argument("--batches", default="", help="(e) packed batch sizes to time, e.g. 32,64,128")
     ap.add_argument("--throughput-objects", type=int, default=32, help="(e) procedural objects (+ all meshes)")
     ap.add_argument("--deadline", type=float, default=0.0,

@@ -1,0 +1,35 @@
+#!/bin/bash
+# Issues #18 + #19 on one H200 in one lease: the phases run one after another in one setsid daemon (nothing else on
+# the machine while a phase is timed); collect with speed_poll.sh UNTIL. Usage (repo root on the device machine):
+#   GATLAS_COMMIT=<sha> PHASES="train fit atlas sample" bash benchmarks/device/speed_session.sh
+# carry: .whl (wheels), .gpu (gsplat_cuda.so), .pot (POT for ot.emd, slimmed: the 175 MB bsp extension left out).
+# Phases (outputs under /tmp/w, copied to $OUT by the poll):
+#   train  bench_train plain@16 vs regional@16 (+ profile)                        ~4.5 min
+#   fit    device/fit_speed.sh (packed batches 128/64/32 vs the plain gsplat reference), saves 3 fitted PLYs   ~5 min
+#   atlas  bench_atlas torch vs triton steps, synthetic + the fitted PLYs, ot.emd in child processes            ~3.5 min
+#   sample bench_sample bf16 vs bf16 + CUDA graph without compile at batch 1, SDPA backends at the top level    ~1 min
+ROOT=$(pwd)
+source benchmarks/device/setup.sh
+[ -d .pot/ot ] && cp -r .pot/ot .pot/pot.libs /tmp/site/ 2>/dev/null
+date +%s > /tmp/T0s
+export GATLAS_COMMIT ROOT
+setsid nohup bash -c '
+  W=/tmp/w
+  for p in '"${PHASES:-train fit atlas sample}"'; do
+    echo "$p start $(( $(date +%s) - $(cat /tmp/T0s) ))" >> $W/phases.txt
+    case $p in
+      train) cd /tmp/tree && python3 benchmarks/bench_train.py --variants plain@16,regional@16 --profile regional@16 \
+               --json $W/train_h200_run2.json > $W/train.log 2>&1 ;;
+      fit) cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=${FIT_BUDGET:-300} \
+               CPU_ARGS="--save-plys $W/plys --save-plys-max 3" bash benchmarks/device/fit_speed.sh > $W/fit.log 2>&1 ;;
+      atlas) PLY=""; [ -d $W/plys ] && PLY="--ply-dir $W/plys --ply-max 3"
+             cd /tmp/tree && timeout 210 python3 benchmarks/bench_atlas.py --n 16384 --batch 4 --device cuda \
+               --kernels torch,triton --no-scipy $PLY --exact-timeout 180 \
+               --json $W/atlas_h200.json > $W/atlas.log 2>&1 ;;
+      sample) cd /tmp/tree && python3 benchmarks/bench_sample.py --variants bf16,graph --batches 1 --repeats 3 \
+               --attention --json $W/sample_graph_h200.json > $W/sample.log 2>&1 ;;
+    esac
+    echo "$p rc $? at $(( $(date +%s) - $(cat /tmp/T0s) ))" >> $W/phases.txt
+  done
+  touch $W/done' > /dev/null 2>&1 < /dev/null &
+sleep 1; echo "started $(date +%T), commit $GATLAS_COMMIT, phases ${PHASES:-train fit atlas sample}"; cat /tmp/w/gpu.txt
