@@ -117,3 +117,22 @@ def test_stacked_views_gather_what_the_per_object_lists_hold(objects):
     for a, b in zip(pv.targets(views) + pv.cameras(views) + pv.cameras_per_object(views),
                     lists.targets(views) + lists.cameras(views) + lists.cameras_per_object(views)):
         assert torch.equal(a, b)
+
+
+def test_separable_ssim_equals_torchmetrics_value_and_gradient():
+    """The fit's SSIM (two 1-D passes of the Gaussian window) is torchmetrics' SSIM, value and gradient."""
+    import torch
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from gaussian_atlas.fit.losses import ssim
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 24, 20, 3, generator=g)
+    pred = (target + 0.2 * torch.randn(3, 24, 20, 3, generator=g)).clamp(0, 1).requires_grad_(True)
+    ours = ssim(pred, target)
+    (g_ours,) = torch.autograd.grad(ours, pred)
+    ref = structural_similarity_index_measure(pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), data_range=1.0)
+    (g_ref,) = torch.autograd.grad(ref, pred)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+    assert float(ssim(target, target)) == pytest.approx(1.0, abs=1e-6)
