@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     cfg = SampleConfig(steps=args.steps, guidance=args.guidance, seed=args.seed, frames=args.frames,
-                       resolution=args.resolution, batch_size=args.batch_size)
+                       resolution=args.resolution, batch_size=args.batch_size, compile=args.compile)
     model = load_atlas_model(args.model, device=device)
     atlases, g, seeds = generate(model, args.prompts, cfg, progress=True)
     frames = turntable(g, cfg)  # [B, F, H, W, 3]
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=24, help="turntable frames (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=128, help="turntable image side (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per UNet batch (default: %(default)s)")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile of the UNet (auto: on CUDA). On an H200 it costs ~70 s once per process and "
+                        "saves ~0.24 s per prompt: off is quicker below a few hundred prompts (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
