@@ -3,6 +3,8 @@ memory linear in the batch) against the flat set drawn into every view (the pre-
 objects; torch.profiler over a few steps of each (host and GPU time by op).
 
     python benchmarks/profile_fit.py --objects 8 --batch 32 --resolution 256 --views 32 --json OUT.json   # GPU
+    python benchmarks/profile_fit.py --objects 32 --batch 128 --steps 300 --profile-from 200 --paths per-object
+        # GPU: steps 200-300 of a 1,500-step fit's schedule (densifying every 100 steps from step 50)
     python benchmarks/profile_fit.py --objects 2 --batch 4 --resolution 32 --views 8 --steps 6 --device cpu  # smoke
 """
 
@@ -31,7 +33,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--views", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30, help="fit steps per path (the profile covers the last third)")
+    ap.add_argument("--steps", type=int, default=30, help="fit steps per path")
+    ap.add_argument("--profile-from", type=int, default=0, help="profile (and time) the steps from this one on")
+    ap.add_argument("--schedule-steps", type=int, default=1500,
+                    help="refine on the schedule of a fit of this many steps (bench_fit.scheduled), whatever --steps")
+    ap.add_argument("--paths", default="per-object,flat", help="comma-separated: per-object, flat")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", type=Path, default=None)
@@ -53,40 +59,49 @@ def main() -> None:
     pool = bench_fit.load_inputs(Path(args.data), args.objects)
     objs = bench_fit.fill_batch(pool, args.batch)
     print(f"data: {len(pool)} objects in {time.perf_counter() - t:.0f} s; batch {args.batch}", flush=True)
-    cfg = FitConfig(steps=args.steps, views_per_step=4, tau=36864, batch_objects=args.batch, seed=0)
     res = {"batch": args.batch, "resolution": args.resolution, "steps": args.steps, "paths": {}}
+    cfg = replace(bench_fit.scheduled(FitConfig(views_per_step=4, tau=36864, batch_objects=args.batch, seed=0),
+                                      args.schedule_steps), steps=args.steps)
+    res["schedule_steps"], res["profile_from"] = args.schedule_steps, args.profile_from
     orig = plain_mod.PlainFit.layout
-    for path in ("per-object", "flat"):
+    for path in [p for p in args.paths.split(",") if p]:
         if path == "flat":
             plain_mod.PlainFit.layout = lambda self: None  # the flat set drawn into every view
         fit_objects(objs, replace(cfg, steps=3), device=args.device)  # warm-up
         stamps: list[float] = []
 
-        def on_step(step, m, stamps=stamps):
+        active = max(1, args.steps - args.profile_from - 1)
+        counts: list[int] = []
+
+        def on_step(step, m, stamps=stamps, counts=counts):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            counts.append(int(m.get("n_gaussians", 0)))
+            prof.step()
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with profile(activities=acts) as prof:
+        sched = torch.profiler.schedule(wait=args.profile_from, warmup=1, active=active, repeat=1)
+        with profile(activities=acts, schedule=sched) as prof:
             fit_objects(objs, cfg, device=args.device, on_step=on_step)
         plain_mod.PlainFit.layout = orig
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])][args.steps // 3:]
-        r = res["paths"][path] = {"ms_per_step": 1e3 * sorted(gaps)[len(gaps) // 2],
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])][args.profile_from + 1:] or [float("nan")]
+        r = res["paths"][path] = {"ms_per_step": 1e3 * sorted(gaps)[len(gaps) // 2], "profiled_steps": active,
+                                  "gaussians_at_end": counts[-1] if counts else None,
                                   "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
                                   if args.device == "cuda" else None}
         ka = prof.key_averages()
         cpu = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:15]
-        r["top_self_cpu_ms_per_step"] = [{"op": e.key[:90], "ms": e.self_cpu_time_total / 1e3 / args.steps,
-                                          "calls_per_step": e.count / args.steps} for e in cpu]
+        r["top_self_cpu_ms_per_step"] = [{"op": e.key[:90], "ms": e.self_cpu_time_total / 1e3 / active,
+                                          "calls_per_step": e.count / active} for e in cpu]
         if args.device == "cuda":
             gpu = sorted([e for e in ka if getattr(e, "self_device_time_total", 0) > 0],
                          key=lambda e: -e.self_device_time_total)[:15]
-            r["top_gpu_ms_per_step"] = [{"op": e.key[:90], "ms": e.self_device_time_total / 1e3 / args.steps,
-                                         "calls_per_step": e.count / args.steps} for e in gpu]
-            r["gpu_ms_per_step"] = sum(e.self_device_time_total for e in ka) / 1e3 / args.steps
+            r["top_gpu_ms_per_step"] = [{"op": e.key[:90], "ms": e.self_device_time_total / 1e3 / active,
+                                         "calls_per_step": e.count / active} for e in gpu]
+            r["gpu_ms_per_step"] = sum(e.self_device_time_total for e in ka) / 1e3 / active
         print(f"== {path}: {r['ms_per_step']:.1f} ms per step (batch {args.batch}; "
               f"{60e3 / r['ms_per_step'] * args.batch / 1500:.1f} objects/min at 1,500 steps), "
               f"GPU busy {r.get('gpu_ms_per_step', float('nan')):.1f} ms/step, peak {r['peak_memory_gib']} GiB", flush=True)

@@ -8,6 +8,7 @@
 #   fit    device/fit_speed.sh (packed batches 128/64/32 vs the plain gsplat reference), saves 3 fitted PLYs   ~5 min
 #   atlas  bench_atlas torch vs triton steps, synthetic + the fitted PLYs, ot.emd in child processes            ~3.5 min
 #   sample bench_sample bf16 vs bf16 + CUDA graph without compile at batch 1, SDPA backends at the top level    ~1 min
+#   fitprof profile_fit at batch 128, steps 200-300 of a 1,500-step schedule (densifying): where a step goes   ~3 min
 ROOT=$(pwd)
 source benchmarks/device/setup.sh
 [ -d .pot/ot ] && cp -r .pot/ot .pot/pot.libs /tmp/site/ 2>/dev/null
@@ -26,6 +27,9 @@ setsid nohup bash -c '
              cd /tmp/tree && timeout 210 python3 benchmarks/bench_atlas.py --n 16384 --batch 4 --device cuda \
                --kernels torch,triton --no-scipy $PLY --exact-timeout 180 \
                --json $W/atlas_h200.json > $W/atlas.log 2>&1 ;;
+      fitprof) cd /tmp/tree && timeout 300 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 128 \
+               --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit128_h200.json \
+               > $W/fitprof.log 2>&1 ;;
       sample) cd /tmp/tree && python3 benchmarks/bench_sample.py --variants bf16,graph --batches 1 --repeats 3 \
                --attention --json $W/sample_graph_h200.json > $W/sample.log 2>&1 ;;
     esac
