@@ -2,7 +2,7 @@
 # Issues #18 + #19 on one H200 in one lease: the phases run one after another in one setsid daemon (nothing else on
 # the machine while a phase is timed); collect with speed_poll.sh UNTIL. Usage (repo root on the device machine):
 #   GATLAS_COMMIT=<sha> PHASES="train fit atlas sample" bash benchmarks/device/speed_session.sh
-# carry: .whl (wheels), .gpu (gsplat_cuda.so), .pot (POT for ot.emd, slimmed: the 175 MB bsp extension left out).
+# carry: .whl (wheels), .gpu (gsplat_cuda.so), .pot (POT for ot.emd, slimmed by device/slim_pot.sh to fit the carry).
 # Phases (outputs under /tmp/w, copied to $OUT by the poll):
 #   train  bench_train plain@16 vs regional@16 (+ profile)                        ~4.5 min
 #   fit    device/fit_speed.sh (packed batches 128/64/32 vs the plain gsplat reference), saves 3 fitted PLYs   ~5 min
