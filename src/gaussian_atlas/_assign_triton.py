@@ -41,7 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import assign as _a
 
 # keys of the bid atomics: (ord(bid) << 32) | bidder; EMPTY is below every real key and its
 # low 32 bits (0xFFFFFFFF) are no bidder's index
@@ -245,8 +244,10 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-class TritonSolver(_a._Solver):
-    """:class:`~gaussian_atlas.assign._Solver` whose bidding rounds and search steps are fused kernels.
+class TritonSteps:
+    """The fused steps, mixed in before :class:`~gaussian_atlas.assign._Solver` (``assign._triton_solver_class``
+    builds ``TritonSolver(TritonSteps, _Solver)``; this module does not import ``assign``): its bidding rounds
+    and search steps are fused kernels.
 
     Extra state (per item b): free-bidder lists ``flist [2, B, N]`` with counts ``fcnt [2, B]``
     (double-buffered by round parity), bid keys ``key [B, N]`` (EMPTY between rounds),
@@ -307,7 +308,7 @@ class TritonSolver(_a._Solver):
         free = self.obj[:, :n] < 0  # [B, N] the roots
         f = fresh[:, None]
         self.in_tree.masked_fill_(f, False)
-        self.slack.masked_fill_(f, _a._INF)
+        self.slack.masked_fill_(f, float("inf"))
         lst = torch.empty_like(self.roots)
         cnt = torch.empty_like(self.n_roots, dtype=torch.int32)
         self._free_list(free, lst, cnt)
@@ -342,7 +343,7 @@ class TritonSolver(_a._Solver):
         """Capture the bidding graphs of every grid size, the one search graph and the path flip."""
         if not self.use_graphs:
             return
-        for k in _a._step_sizes(k_cap):
+        for k in self.step_sizes(k_cap):
             self.run(("bid", k), lambda: self.step_bid(k), reps)
         self.run(("search", 0), lambda: self.step_search(0), reps)
         self.run(("aug",), self.augment, 1)

@@ -393,6 +393,11 @@ class _Solver:
       static shapes and no host sync, so it can be captured in a CUDA graph.
     """
 
+    @staticmethod
+    def step_sizes(cap: int) -> list[int]:
+        """The step sizes a graph is captured for (:func:`_step_sizes`; for subclasses' ``capture_all``)."""
+        return _step_sizes(cap)
+
     def __init__(self, b: int, n: int, d: int, dev: torch.device, use_graphs: bool, compile: bool = False):
         self.b, self.n, self.d, self.dev = b, n, d, dev
         self.x = torch.zeros(b, n, d, device=dev)  # [B, N, D] bidders
@@ -652,13 +657,27 @@ def _get_solver_locked(key, b, n, d, dev, graphs, compile, kernels="torch") -> _
         while len(_SOLVERS) >= _SOLVER_CACHE_SIZE:
             _SOLVERS.pop(next(iter(_SOLVERS)))
         if kernels == "triton":
-            from ._assign_triton import TritonSolver
-
-            st = TritonSolver(b, n, d, dev, graphs, compile)
+            st = _triton_solver_class()(b, n, d, dev, graphs, compile)
         else:
             st = _Solver(b, n, d, dev, graphs, compile)
     _SOLVERS[key] = st  # most recent last
     return st
+
+
+def _triton_solver_class() -> type:
+    """``TritonSolver``: :class:`_Solver` with the fused steps of ``_assign_triton.TritonSteps`` (imports triton)."""
+    global _TRITON_SOLVER
+    if _TRITON_SOLVER is None:
+        from ._assign_triton import TritonSteps
+
+        class TritonSolver(TritonSteps, _Solver):
+            __doc__ = TritonSteps.__doc__
+
+        _TRITON_SOLVER = TritonSolver
+    return _TRITON_SOLVER
+
+
+_TRITON_SOLVER: type | None = None
 
 
 def triton_available() -> bool:

@@ -44,7 +44,9 @@ def _interpreter_compat() -> None:
 
 
 _interpreter_compat()
-from gaussian_atlas._assign_triton import TritonSolver  # noqa: E402
+from gaussian_atlas.assign import _triton_solver_class  # noqa: E402
+
+TritonSolver = _triton_solver_class()
 
 
 def _problem(b: int, n: int, d: int, seed: int, integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
