@@ -35,7 +35,10 @@ def run_facts() -> dict:
 
 
 def write_record(path: Path | None, result: dict) -> None:
-    """``result`` with :func:`run_facts` as JSON at ``path`` (nothing when None)."""
+    """``result`` with :func:`run_facts` as JSON at ``path``, written atomically (a reader polling a run that
+    rewrites its record never sees half a file); nothing when None."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**result, **run_facts()}, indent=2))
+        from gaussian_atlas.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps({**result, **run_facts()}, indent=2))

@@ -81,6 +81,8 @@ for _p in (str(ROOT / "src"), str(ROOT), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _record import write_record  # noqa: E402  (atomic: a poll never reads half a record)
+
 
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
@@ -546,17 +548,6 @@ def summarize(records: list[dict], now: set[int], wall: float, args, cfg: dict, 
             **extra.get("facts", {})}
 
 
-def write_json_record(path: Path | None, result: dict) -> None:
-    """``_record.write_record`` to a temporary file, then moved: a poll never reads half a record."""
-    from _record import write_record
-
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_record(tmp, result)
-    os.replace(tmp, path)
-
-
 def merge_outputs(root: Path, records: list[dict], std_floor: float) -> tuple[dict, float]:
     """normalize's end: every batch's statistics merged into ``stats.npz``, its index into ``atlas/index.parquet``."""
     import pandas as pd
@@ -674,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = summarize(list(records.values()), now, wall, args, cfg, extra)
         res["gpu_usage"] = gpu  # ("gpu" is run_facts' device name)
         res["complete"] = complete
-        write_json_record(args.json, res)
+        write_record(args.json, res)
         return res
 
     stopped_early, n_fit_now = False, 0
