@@ -9,6 +9,7 @@
 #   atlas  bench_atlas torch vs triton steps, synthetic + the fitted PLYs, ot.emd in child processes            ~3.5 min
 #   sample bench_sample bf16 vs bf16 + CUDA graph without compile at batch 1, SDPA backends at the top level    ~1 min
 #   fitprof profile_fit at batch 128, steps 200-300 of a 1,500-step schedule (densifying): where a step goes   ~3 min
+#   fitprof32  the same at batch 32 (how a step's cost scales with the batch)                                ~1 min
 ROOT=$(pwd)
 source benchmarks/device/setup.sh
 [ -d .pot/ot ] && cp -r .pot/ot .pot/pot.libs /tmp/site/ 2>/dev/null
@@ -16,6 +17,10 @@ date +%s > /tmp/T0s
 export GATLAS_COMMIT ROOT
 setsid nohup bash -c '
   W=/tmp/w
+  if [ -z "$GSPLAT_PREBUILT" ]; then  # no saved build carried: build gsplat once, before any phase is timed
+    python3 -c "from gsplat.cuda._backend import _C; print(_C)" > $W/gsplat_build.log 2>&1
+    echo "gsplat build done $(( $(date +%s) - $(cat /tmp/T0s) ))" >> $W/phases.txt
+  fi
   for p in '"${PHASES:-train fit atlas sample}"'; do
     echo "$p start $(( $(date +%s) - $(cat /tmp/T0s) ))" >> $W/phases.txt
     case $p in
@@ -30,6 +35,9 @@ setsid nohup bash -c '
       fitprof) cd /tmp/tree && timeout 300 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 128 \
                --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit128_h200.json \
                > $W/fitprof.log 2>&1 ;;
+      fitprof32) cd /tmp/tree && timeout 200 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 32 \
+               --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit32_h200.json \
+               > $W/fitprof32.log 2>&1 ;;
       sample) cd /tmp/tree && python3 benchmarks/bench_sample.py --variants bf16,graph --batches 1 --repeats 3 \
                --attention --json $W/sample_graph_h200.json > $W/sample.log 2>&1 ;;
     esac
