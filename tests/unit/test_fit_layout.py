@@ -136,3 +136,22 @@ def test_separable_ssim_equals_torchmetrics_value_and_gradient():
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
     assert float(ssim(target, target)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_pad_gradient_equals_autograd_indexing():
+    """ObjectLayout.pad's gathered backward equals autograd's scatter of the plain indexing, empty slots too."""
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 5, (40,), generator=gen)
+    groups[groups == 3] = 4  # object 3 empty
+    lay = ObjectLayout.of_groups(groups, 5)
+    assert (lay.src.flatten()[lay.slot] == torch.arange(40)).all()  # slot inverts src
+    for shape, fill in (((40, 3), (0.5, 0.0, 1.0)), ((40,), 0.0)):
+        t = torch.randn(*shape, generator=gen, requires_grad=True)
+        w = torch.randn(*lay.src.shape, *shape[1:], generator=gen)
+        (grad,) = torch.autograd.grad((lay.pad(t, fill) * w).sum(), t)
+        ref = torch.randn(*shape, generator=gen).copy_(t.detach()).requires_grad_()
+        row = torch.as_tensor(fill, dtype=ref.dtype).expand((1,) + tuple(shape[1:]))
+        out_ref = torch.cat([ref, row])[lay.src]
+        (grad_ref,) = torch.autograd.grad((out_ref * w).sum(), ref)
+        assert torch.equal(lay.pad(t, fill).detach(), out_ref.detach())
+        assert torch.equal(grad, grad_ref)
