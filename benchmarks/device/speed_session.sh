@@ -9,7 +9,10 @@
 #   atlas  bench_atlas torch vs triton steps, synthetic + the fitted PLYs, ot.emd in child processes            ~3.5 min
 #   sample bench_sample bf16 vs bf16 + CUDA graph without compile at batch 1, SDPA backends at the top level    ~1 min
 #   fitprof profile_fit at batch 128, steps 200-300 of a 1,500-step schedule (densifying): where a step goes   ~3 min
+#   ssim   bench_ssim: the fit's SSIM forward+backward, Triton blur vs conv2d, 512 images of 256²             ~0.5 min
 #   fitprof32  the same at batch 32 (how a step's cost scales with the batch)                                ~1 min
+# env: FIT_BUDGET (fit phase, s, 300), FIT_BATCHES (128,64,32), REF_PROC/REF_MESH/REF_RESERVE (fit_speed.sh),
+#      FITPROF_STEPS (300: profiles steps 200..FITPROF_STEPS)
 ROOT=$(pwd)
 source benchmarks/device/setup.sh
 [ -d .pot/ot ] && cp -r .pot/ot .pot/pot.libs /tmp/site/ 2>/dev/null
@@ -26,18 +29,20 @@ setsid nohup bash -c '
     case $p in
       train) cd /tmp/tree && python3 benchmarks/bench_train.py --variants plain@16,regional@16 --profile regional@16 \
                --json $W/train_h200_run2.json > $W/train.log 2>&1 ;;
-      fit) cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=${FIT_BUDGET:-300} \
+      fit) cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=${FIT_BUDGET:-300} BATCHES=${FIT_BATCHES:-128,64,32} \
                CPU_ARGS="--save-plys $W/plys --save-plys-max 3" bash benchmarks/device/fit_speed.sh > $W/fit.log 2>&1 ;;
       atlas) PLY=""; [ -d $W/plys ] && PLY="--ply-dir $W/plys --ply-max 3"
              cd /tmp/tree && timeout 210 python3 benchmarks/bench_atlas.py --n 16384 --batch 4 --device cuda \
                --kernels torch,triton --no-scipy $PLY --exact-timeout 180 \
                --json $W/atlas_h200.json > $W/atlas.log 2>&1 ;;
       fitprof) cd /tmp/tree && timeout 300 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 128 \
-               --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit128_h200.json \
+               --steps ${FITPROF_STEPS:-300} --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit128_h200.json \
                > $W/fitprof.log 2>&1 ;;
       fitprof32) cd /tmp/tree && timeout 200 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 32 \
                --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit32_h200.json \
                > $W/fitprof32.log 2>&1 ;;
+      ssim) cd /tmp/tree && timeout 120 python3 benchmarks/bench_ssim.py --images 512 --side 256 \
+               --json $W/ssim_h200.json > $W/ssim.log 2>&1 ;;
       sample) cd /tmp/tree && python3 benchmarks/bench_sample.py --variants bf16,graph --batches 1 --repeats 3 \
                --attention --json $W/sample_graph_h200.json > $W/sample.log 2>&1 ;;
     esac
