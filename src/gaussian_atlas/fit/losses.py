@@ -20,23 +20,88 @@ def _gaussian_1d(dtype: torch.dtype, device: torch.device) -> Tensor:
     return g / g.sum()
 
 
-def ssim(pred: Tensor, target: Tensor) -> Tensor:
+SSIM_KERNELS = ("auto", "torch", "triton")
+_TRITON_BLUR_OK: bool | None = None  # None: not tried; False: unavailable or failed once ("auto" then uses torch)
+
+
+def _blur_torch(maps: Tensor, g: Tensor) -> Tensor:
+    """[N, C, H + 10, W + 10] -> [N, C, H, W]: the window as two grouped 1-D ``conv2d`` passes (valid)."""
+    C = maps.shape[1]
+    maps = torch.nn.functional.conv2d(maps, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)  # down the columns
+    return torch.nn.functional.conv2d(maps, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)  # along the rows
+
+
+def _blur_triton(maps: Tensor, g: Tensor) -> Tensor:
+    """[N, C, H + 10, W + 10] float32 -> [N, C, H, W]: the blur of :func:`_blur_torch`, one Triton kernel a pass."""
+    from ._blur_triton import blur_valid
+
+    N, C, Hp, Wp = maps.shape
+    return blur_valid(maps.reshape(N * C, Hp, Wp), g).view(N, C, Hp - SSIM_WINDOW + 1, Wp - SSIM_WINDOW + 1)
+
+
+def _triton_blur_usable(device: torch.device) -> bool:
+    """Whether ``kernels="auto"`` uses the Triton blur on ``device`` (CUDA): triton imports and its
+    self-test (forward and adjoint passes on a small stack) runs; a failure warns once and sends every
+    later call to the torch path."""
+    global _TRITON_BLUR_OK
+    if device.type != "cuda" or _TRITON_BLUR_OK is False:
+        return False
+    if _TRITON_BLUR_OK is None:
+        try:
+            from ._blur_triton import available, selftest
+
+            if not available():  # no triton: nothing to warn about
+                _TRITON_BLUR_OK = False
+                return False
+            selftest(device)
+            _TRITON_BLUR_OK = True
+        except Exception as e:  # a triton that cannot build the kernel here
+            _disable_triton_blur(e)
+    return bool(_TRITON_BLUR_OK)
+
+
+def _disable_triton_blur(e: Exception) -> None:
+    """Warn (once: later "auto" calls no longer try) and send "auto" to the torch path."""
+    import warnings
+
+    global _TRITON_BLUR_OK
+    _TRITON_BLUR_OK = False
+    warnings.warn(f"ssim: the Triton blur failed ({e!r:.300}); using torch's conv2d from now on", stacklevel=3)
+
+
+def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
     """Mean SSIM of ``[B, H, W, 3]`` images in [0, 1] (11×11 Gaussian window, σ 1.5, reflect padding).
 
     The same computation as torchmetrics' ``structural_similarity_index_measure(data_range=1)``
     (tested equal), with the Gaussian window applied as two 1-D passes (11 + 11 taps instead of
     121): the window is separable. On the H200 the 2-D depthwise convolution was the largest GPU
-    cost of a packed fitting step (``benchmarks/profile_fit.py``).
+    cost of a packed fitting step (``benchmarks/profile_fit.py``), and the two 1-D grouped
+    ``conv2d`` passes still ran ~10x off memory bandwidth there.
+
+    kernels : ``"torch"``: the passes as grouped ``conv2d``. ``"triton"``: one Triton kernel a
+        pass (``fit._blur_triton``; float32; on a CPU tensor only under ``TRITON_INTERPRET=1``,
+        i.e. tests). ``"auto"``: triton for float32 CUDA tensors when it imports and runs (the
+        first failure warns once, then torch), torch otherwise.
     """
+    if kernels not in SSIM_KERNELS:
+        raise ValueError(f"kernels must be one of {SSIM_KERNELS}, not {kernels!r}")
     x, y = pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)  # [B, C, H, W]
-    B, C = x.shape[:2]
+    B = x.shape[0]
     p = SSIM_WINDOW // 2
     x = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
     y = torch.nn.functional.pad(y, (p, p, p, p), mode="reflect")
     g = _gaussian_1d(x.dtype, x.device)
     maps = torch.cat((x, y, x * x, y * y, x * y))  # [5B, C, H + 2p, W + 2p]
-    maps = torch.nn.functional.conv2d(maps, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)  # down the columns
-    maps = torch.nn.functional.conv2d(maps, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)  # along the rows
+    auto = kernels == "auto"
+    if auto:
+        kernels = "triton" if maps.dtype == torch.float32 and _triton_blur_usable(maps.device) else "torch"
+    try:
+        maps = _blur_triton(maps, g) if kernels == "triton" else _blur_torch(maps, g)  # [5B, C, H, W]
+    except Exception as e:  # "auto" only: the probe ran but this shape did not build; torch from now on
+        if not (auto and kernels == "triton"):
+            raise
+        _disable_triton_blur(e)
+        maps = _blur_torch(maps, g)
     mu_x, mu_y, xx, yy, xy = maps.split(B)  # [B, C, H, W] each
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     mu_xx, mu_yy, mu_xy = mu_x.pow(2), mu_y.pow(2), mu_x * mu_y

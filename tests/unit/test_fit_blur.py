@@ -1,0 +1,138 @@
+"""The Triton blur of the SSIM window (gaussian_atlas.fit._blur_triton) against the conv2d passes of ``ssim``.
+
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU: slow, so
+the problems are small). Without triton (CI) every test here is skipped but the last (``"auto"`` on
+CPU tensors takes the torch path, triton or not).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must be set before the kernel is decorated (first import of _blur_triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gaussian_atlas.fit import _blur_triton, losses  # noqa: E402
+from gaussian_atlas.fit.losses import _blur_torch, _gaussian_1d, ssim  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not _blur_triton.available(),
+                                  reason="triton is not installed (CI has none); the kernel needs it")
+
+
+def _reference(x: torch.Tensor) -> torch.Tensor:
+    """[P, H + 10, W + 10] -> [P, H, W] through the conv2d passes of ssim."""
+    return _blur_torch(x[:, None], _gaussian_1d(x.dtype, x.device))[:, 0]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(3, 27, 33), (2, 51, 81)])  # 17 x 23 interior; 41 x 71: several 32 x 64 tiles
+def test_blur_valid_equals_conv2d_value_and_gradient(shape):
+    """blur_valid [P, H + 10, W + 10] -> [P, H, W] and its adjoint backward equal the conv2d passes and autograd."""
+    blur_valid = _blur_triton.blur_valid
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).to(DEV)
+    w = torch.randn(shape[0], shape[1] - 10, shape[2] - 10, generator=gen).to(DEV)  # upstream gradient
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, ref = blur_valid(xa), _reference(xb)
+    assert ours.shape == ref.shape == w.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    (ga,), (gb,) = torch.autograd.grad(ours, xa, w), torch.autograd.grad(ref, xb, w)
+    assert ga.shape == x.shape
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_corr1d_full_is_the_adjoint_of_valid():
+    """<valid(x), y> = <x, full(y)> along each axis (the transposes the backward uses); the self-test passes."""
+    corr1d = _blur_triton.corr1d
+    gen = torch.Generator().manual_seed(1)
+    g = torch.rand(11, generator=gen).to(DEV)  # not symmetric: the adjoint needs the flipped taps (the caller flips)
+    x = torch.randn(2, 19, 16, generator=gen).to(DEV)
+    for axis in (0, 1):
+        vx = corr1d(x, g, axis, False)
+        y = torch.randn(vx.shape, generator=gen).to(DEV)
+        lhs = (vx.double() * y.double()).sum()
+        rhs = (x.double() * corr1d(y, g.flip(0), axis, True).double()).sum()
+        torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+        assert corr1d(y, g, axis, True).shape == x.shape
+    _blur_triton.selftest(DEV)  # what "auto" runs once on CUDA before using the kernel
+    with pytest.raises(ValueError):
+        corr1d(x.double(), g, 0, False)
+
+
+@needs_triton
+def test_ssim_triton_equals_torch_value_and_gradient():
+    """ssim(kernels="triton") is ssim(kernels="torch"), value and gradient, on [4, 32, 32, 3] images."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(4, 32, 32, 3, generator=gen).to(DEV)
+    pred = (target + 0.2 * torch.randn(target.shape, generator=gen).to(DEV)).clamp(0, 1)
+    vals, grads = [], []
+    for kernels in ("triton", "torch"):
+        p = pred.clone().requires_grad_(True)
+        v = ssim(p, target, kernels=kernels)
+        vals.append(v)
+        grads.append(torch.autograd.grad(v, p)[0])
+    torch.testing.assert_close(vals[0], vals[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-8)
+
+
+def test_ssim_auto_on_cpu_uses_torch(monkeypatch):
+    """kernels="auto" on CPU tensors never touches the Triton blur (no triton needed); unknown names are refused."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton blur was used on a CPU tensor")
+
+    monkeypatch.setattr(losses, "_blur_triton", fail)
+    gen = torch.Generator().manual_seed(2)
+    target = torch.rand(2, 16, 16, 3, generator=gen)
+    pred = target.clone().requires_grad_(True)
+    auto = ssim(pred, target)
+    auto.backward()
+    assert float(auto.detach()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(auto, ssim(pred, target, kernels="torch"))
+    with pytest.raises(ValueError):
+        ssim(pred, target, kernels="cuda")
+
+
+def test_ssim_auto_falls_back_to_torch_once_after_a_triton_failure(monkeypatch):
+    """Under "auto", a Triton blur that raises warns once and leaves every later call on the torch path."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(losses, "_TRITON_BLUR_OK", None)
+    monkeypatch.setattr(losses, "_triton_blur_usable", lambda device: losses._TRITON_BLUR_OK is not False)
+    monkeypatch.setattr(losses, "_blur_triton", broken)
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 16, 16, 3, generator=gen)
+    pred = (target + 0.1 * torch.randn(target.shape, generator=gen)).clamp(0, 1)
+    with pytest.warns(UserWarning, match="Triton blur failed"):
+        first = ssim(pred, target)
+    assert losses._TRITON_BLUR_OK is False and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = ssim(pred, target)
+    assert len(calls) == 1
+    assert torch.equal(first, second) and torch.equal(first, ssim(pred, target, kernels="torch"))
+    with pytest.raises(RuntimeError):  # a forced "triton" does not fall back
+        ssim(pred, target, kernels="triton")
+
+
+@needs_triton
+def test_kernel_compiles_for_sm90():
+    """The interpreter does not type or lower the kernel: compile its four passes for an H100/H200 (sm_90) here."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from gaussian_atlas.fit._blur_triton import compile_check; print(compile_check(90))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sizes = eval(r.stdout.strip().splitlines()[-1])  # {pass: cubin bytes}
+    assert len(sizes) == 4 and min(sizes.values()) > 0
