@@ -36,7 +36,7 @@ echo "[$(el) s] data: $(ls $W/proc/objects | wc -l) procedural, $(ls $W/meshes/o
 LEFT=$(( BUDGET - $(el) ))
 echo "[$(el) s] bench_fit: batches $BATCHES (deadline for them $(( LEFT - REF_RESERVE )) s), reference $REF_PROC+$REF_MESH objects x $REF_STEPS steps; hard limit $LEFT s"
 timeout $LEFT python3 bench_fit.py --data $W/proc --meshes $W/meshes --skip-quality --skip-throughput \
-  --steps 1500 --tau 36864 --views-per-step 4 --resolution ${RES:-256} --batches $BATCHES --throughput-objects 32 \
+  --steps ${STEPS:-1500} --tau 36864 --views-per-step 4 --resolution ${RES:-256} --batches $BATCHES --throughput-objects 32 \
   --deadline $(( LEFT - REF_RESERVE )) --reference --reference-steps $REF_STEPS --reference-objects $REF_PROC \
   --reference-meshes $REF_MESH --reference-procs $(( REF_PROC + REF_MESH > 0 ? REF_PROC + REF_MESH : 1 )) --json $OUT/fit_speed.json $CPU_ARGS \
   2>&1 | grep --line-buffered -v '^{' | tee $OUT/fit_speed.log

@@ -9,6 +9,7 @@
 #   atlas  bench_atlas torch vs triton steps, synthetic + the fitted PLYs, ot.emd in child processes            ~3.5 min
 #   sample bench_sample bf16 vs bf16 + CUDA graph without compile at batch 1, SDPA backends at the top level    ~1 min
 #   fitprof profile_fit at batch 128, steps 200-300 of a 1,500-step schedule (densifying): where a step goes   ~3 min
+#   fitsteps  the packed fitter alone at batch 128 with FIT_STEPS_LIST steps (2000 2500), no reference
 #   ssim   bench_ssim: the fit's SSIM forward+backward, Triton blur vs conv2d, 512 images of 256²             ~0.5 min
 #   fitprof32  the same at batch 32 (how a step's cost scales with the batch)                                ~1 min
 # env: FIT_BUDGET (fit phase, s, 300), FIT_BATCHES (128,64,32), REF_PROC/REF_MESH/REF_RESERVE (fit_speed.sh),
@@ -41,6 +42,9 @@ setsid nohup bash -c '
       fitprof32) cd /tmp/tree && timeout 200 python3 benchmarks/profile_fit.py --data $W/pf --objects 32 --batch 32 \
                --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit32_h200.json \
                > $W/fitprof32.log 2>&1 ;;
+      fitsteps) for s in ${FIT_STEPS_LIST:-2000 2500}; do cd $ROOT && mkdir -p $W/fit$s && OUT=$W/fit$s STEPS=$s BATCHES=128 \
+               BUDGET=$(( 50 + 80 * s / 1000 )) REF_PROC=0 REF_MESH=0 REF_RESERVE=0 bash benchmarks/device/fit_speed.sh \
+               > $W/fitsteps$s.log 2>&1; cp $W/fit$s/fit_speed.json $W/fit_speed_steps$s.json; done ;;
       ssim) cd /tmp/tree && timeout 120 python3 benchmarks/bench_ssim.py --images 512 --side 256 \
                --json $W/ssim_h200.json > $W/ssim.log 2>&1 ;;
       sample) cd /tmp/tree && python3 benchmarks/bench_sample.py --variants bf16,graph --batches 1 --repeats 3 \
