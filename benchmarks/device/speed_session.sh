@@ -43,7 +43,7 @@ setsid nohup bash -c '
                --steps 300 --profile-from 200 --paths per-object --workers 12 --json $W/profile_fit32_h200.json \
                > $W/fitprof32.log 2>&1 ;;
       fitsteps) for s in ${FIT_STEPS_LIST:-2000 2500}; do cd $ROOT && mkdir -p $W/fit$s && OUT=$W/fit$s STEPS=$s BATCHES=128 \
-               BUDGET=$(( 50 + 80 * s / 1000 )) REF_PROC=0 REF_MESH=0 REF_RESERVE=0 bash benchmarks/device/fit_speed.sh \
+               BUDGET=$(( 90 + 75 * s / 1000 )) REF_PROC=0 REF_MESH=0 REF_RESERVE=0 bash benchmarks/device/fit_speed.sh \
                > $W/fitsteps$s.log 2>&1; cp $W/fit$s/fit_speed.json $W/fit_speed_steps$s.json; done ;;
       ssim) cd /tmp/tree && timeout 120 python3 benchmarks/bench_ssim.py --images 512 --side 256 \
                --json $W/ssim_h200.json > $W/ssim.log 2>&1 ;;
