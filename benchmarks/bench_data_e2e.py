@@ -81,6 +81,7 @@ for _p in (str(ROOT / "src"), str(ROOT), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _overrides import parse_overrides, with_overrides  # noqa: E402
 from _record import write_record  # noqa: E402  (atomic: a poll never reads half a record)
 
 
@@ -108,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=int, default=36_864)
     g.add_argument("--init-points", type=int, default=4096)
     g.add_argument("--fit-resolution", type=int, default=0, help="fit side (0 = as rendered)")
+    g.add_argument("--fit-set", default="", help="more fit settings as dotted overrides, after the flags above: "
+                   "'densify.refine_every=50,lr_means=5.6e-4' (bench_fit --variants' syntax)")
     g = ap.add_argument_group("prune_check / atlas (the rest from params.yaml)")
     g.add_argument("--psnr-floor", type=float, default=None, help="override prune_check.psnr_floor (dB)")
     g.add_argument("--gate", choices=["auto", "gx", "plain"], default="auto",
@@ -143,6 +146,8 @@ def configs(args, out: Path) -> dict[str, Any]:
                    init_points=args.init_points, resolution=args.fit_resolution, batch_objects=args.batch,
                    max_seconds=0.0, densify=replace(fcfg.densify, refine_start_iter=100, refine_every=100,
                                                     refine_stop_iter=int(0.8 * args.steps)))
+    if args.fit_set:  # an arm of bench_fit --variants (e.g. picked by benchmarks/pick_fit_arm.py)
+        fcfg = with_overrides(fcfg, parse_overrides(args.fit_set), "--fit-set")
     gen = params["generate"]
     render = dict(gen["render"])
     views = {**render.pop("views"), "n_views": args.views, "resolution": args.resolution}

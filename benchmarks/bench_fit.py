@@ -61,6 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _prebuilt import use_prebuilt_gsplat  # noqa: E402
+from _overrides import parse_overrides, with_overrides  # noqa: E402
 from _record import write_record  # noqa: E402
 
 use_prebuilt_gsplat()
@@ -452,16 +453,19 @@ def check_per_object_render(objs: list[FitInput], cfg: FitConfig, device: str) -
     return out
 
 
-def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict, t_start: float) -> None:
-    """(e): our packed fitter at every ``--batches`` size (rows in ``report["batches"]``)."""
+def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict, t_start: float,
+                       variant: str = "", overrides: dict | None = None) -> None:
+    """(e): our packed fitter at every ``--batches`` size (rows in ``report["batches"]``), with the settings of
+    ``variant`` (``overrides`` already applied to ``cfg``; recorded in each row)."""
     report["batches"] = rows = report.get("batches", [])
     last: tuple[int, float] | None = None
+    tag = {"variant": variant, "overrides": overrides or {}} if variant else {}
     for size in [int(b) for b in args.batches.split(",") if b]:
         if args.deadline and last is not None:
             estimate = last[1] * size / last[0]
             if time.perf_counter() - t_start + estimate > args.deadline:
-                rows.append({"batch": size, "skipped": f"estimated {estimate:.0f} s would pass --deadline "
-                                                       f"{args.deadline:.0f} s"})
+                rows.append({"batch": size, **tag, "skipped": f"estimated {estimate:.0f} s would pass --deadline "
+                                                              f"{args.deadline:.0f} s"})
                 print(f"(e) batch {size}: skipped ({rows[-1]['skipped']})", flush=True)
                 continue
         objs = fill_batch(pool, size)
@@ -474,14 +478,14 @@ def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict,
         try:
             res, s = timed_fit(objs, replace(cfg, batch_objects=size, max_seconds=cap), args.device)
         except torch.OutOfMemoryError as e:  # a batch too large is a result too
-            rows.append({"batch": size, "error": f"out of memory: {e}"[:300]})
+            rows.append({"batch": size, **tag, "error": f"out of memory: {e}"[:300]})
             print(f"(e) batch {size}: out of GPU memory", flush=True)
             continue
         done = int(res[0].metrics["steps"])
         per = [{"id": o.id, "psnr": r.metrics["psnr"], "ssim": r.metrics["ssim"], "n_gaussians": r.metrics["n_gaussians"]}
                for o, r in zip(objs, res)]
         if done < cfg.steps:
-            rows.append({"batch": size, "stopped_early": f"{done} of {cfg.steps} steps in {s:.0f} s (--deadline)",
+            rows.append({"batch": size, **tag, "stopped_early": f"{done} of {cfg.steps} steps in {s:.0f} s (--deadline)",
                          "objects_per_minute_extrapolated": 60.0 * size * done / (s * cfg.steps),
                          "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
                          "objects_partial_fit": per})
@@ -491,7 +495,7 @@ def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict,
             write_record(Path(args.json) if args.json else None, report)
             break
         last = (size, s)
-        row = {"batch": size, "distinct_objects": min(size, len(pool)), "steps": cfg.steps, "seconds": s,
+        row = {"batch": size, **tag, "distinct_objects": min(size, len(pool)), "steps": cfg.steps, "seconds": s,
                "objects_per_minute": 60.0 * size / s,
                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
                "psnr_mean": float(np.mean([p["psnr"] for p in per])), "psnr_min": float(np.min([p["psnr"] for p in per])),
@@ -508,10 +512,27 @@ def throughput_batches(args, pool: list[FitInput], cfg: FitConfig, report: dict,
             report["saved_plys"] = [str(write_ply(out / f"{o.id}.ply", r.gaussians)) for o, r in picked]
             print(f"(e) saved {len(picked)} fitted objects to {out} (batch {size})", flush=True)
         mem = f"{row['peak_memory_gib']:.1f} GiB peak" if row["peak_memory_gib"] is not None else "CPU"
-        print(f"(e) batch {size:4d}: {row['objects_per_minute']:.1f} objects/min (target >= 50), {s:.0f} s, {mem}, "
+        print(f"(e) batch {size:4d}{' ' + variant if variant else ''}: {row['objects_per_minute']:.1f} objects/min "
+              f"(target >= 50), {s:.0f} s, {mem}, "
               f"PSNR mean {row['psnr_mean']:.2f} min {row['psnr_min']:.2f} dB, Gaussians mean "
               f"{row['n_gaussians_mean']:.0f} max {row['n_gaussians_max']} <= {cfg.tau}", flush=True)
         write_record(Path(args.json) if args.json else None, report)
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "n/a"
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``"a:k=v,k=v;b:k=v"`` -> ``[("a", {...}), ("b", {...})]``; empty text: one arm without a name or changes."""
+    out = []
+    for part in (p.strip() for p in text.split(";")):
+        if part:
+            name, sep, rest = part.partition(":")
+            if not sep or not name.strip():
+                raise SystemExit(f"--variants item {part!r}: expected name:key=value,...")
+            out.append((name.strip(), parse_overrides(rest)))
+    return out or [("", {})]
 
 
 def compare_to_reference(report: dict) -> None:
@@ -532,15 +553,25 @@ def compare_to_reference(report: dict) -> None:
         if not diffs:
             continue
         per = {b: float(np.mean(d)) for b, d in diffs.items()}
-        row["psnr_minus_reference_mean"] = float(np.mean(list(per.values())))
-        row["psnr_minus_reference_min"] = float(np.min(list(per.values())))
+        d = np.array(list(per.values()))
+        row["psnr_minus_reference_per_object"] = per  # each object's copies averaged
+        row["psnr_minus_reference_mean"] = float(d.mean())
+        row["psnr_minus_reference_min"] = float(d.min())
+        row["objects_at_or_above_target"] = int((d >= -0.3).sum())
+        if len(d) > 1:  # 95 % CI of the mean over the objects (t, n - 1 degrees of freedom)
+            from scipy import stats
+
+            h = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+            row["psnr_minus_reference_ci95"] = [float(d.mean()) - h, float(d.mean()) + h]
         row["meets_psnr_target"] = row["psnr_minus_reference_min"] >= -0.3
         row["meets_speed_target"] = row["objects_per_minute"] >= 50
         out.append(row)
-        print(f"(e) batch {row['batch']:4d} vs reference: {row['objects_per_minute']:.1f} objects/min "
+        print(f"(e) batch {row['batch']:4d}{' ' + row['variant'] if row.get('variant') else ''} vs reference: "
+              f"{row['objects_per_minute']:.1f} objects/min "
               f"(reference {60.0 / np.mean([r['seconds'] for r in ref.values()]):.2f} per process); PSNR difference "
-              f"mean {row['psnr_minus_reference_mean']:+.2f}, worst {row['psnr_minus_reference_min']:+.2f} dB "
-              f"(target >= -0.30)", flush=True)
+              f"mean {row['psnr_minus_reference_mean']:+.2f} (95 % CI {_ci(row.get('psnr_minus_reference_ci95'))}), worst "
+              f"{row['psnr_minus_reference_min']:+.2f} dB, {row['objects_at_or_above_target']} of {len(d)} objects "
+              f">= -0.30 dB", flush=True)
         for b, d in per.items():
             print(f"(e)   {b:24s} ours {ref[b]['psnr'] + d:.2f} dB vs reference {ref[b]['psnr']:.2f} dB: {d:+.2f} dB"
                   f"{'' if d >= -0.3 else '  BELOW target'}", flush=True)
@@ -585,6 +616,12 @@ def main() -> None:
                     "(PLY) here, e.g. for bench_atlas --ply-dir")
     ap.add_argument("--save-plys-max", type=int, default=4, help="(e) how many objects --save-plys writes")
     ap.add_argument("--batches", default="", help="(e) packed batch sizes to time, e.g. 32,64,128")
+    ap.add_argument("--variants", default="",
+                    help="(e) settings arms, each timed at every --batches size: 'name:key=value,key=value;name2:...' "
+                         "(dotted FitConfig keys, e.g. 'refine50:densify.refine_every=50'; 'base:' = no change)")
+    ap.add_argument("--reference-json", default=None,
+                    help="(r) take the reference rows from this earlier bench_fit record (same renders) instead of "
+                         "fitting them again; its path and commit are recorded")
     ap.add_argument("--throughput-objects", type=int, default=32, help="(e) procedural objects (+ all meshes)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="skip a unit estimated to end later than this many seconds after the start (0: none)")
@@ -625,8 +662,19 @@ def main() -> None:
     # (e) our packed fitter at each batch size, then (r) the plain gsplat reference, then the comparison
     if args.batches:
         report["render_check"] = check_per_object_render(meshes + objs, cfg, args.device)
-        throughput_batches(args, meshes + objs[:args.throughput_objects], cfg, report, t_start)  # meshes in every batch
-    if args.reference and not reference_ok:
+        for name, over in parse_variants(args.variants):  # meshes in every batch
+            report.setdefault("variants", {})[name or "-"] = over
+            throughput_batches(args, meshes + objs[:args.throughput_objects], with_overrides(cfg, over), report,
+                               t_start, variant=name, overrides=over)
+    if args.reference_json:
+        earlier = json.loads(Path(args.reference_json).read_text())
+        if not isinstance(earlier.get("reference"), dict) or not earlier["reference"].get("rows"):
+            raise SystemExit(f"--reference-json {args.reference_json}: no reference rows in that record")
+        report["reference"] = {**earlier["reference"], "source": {"path": str(args.reference_json),
+                                                                  "commit": earlier.get("commit")}}
+        print(f"(r) reference: {len(report['reference']['rows'])} rows from {args.reference_json} "
+              f"(commit {earlier.get('commit')})", flush=True)
+    elif args.reference and not reference_ok:
         report["reference"] = {"skipped": "needs gsplat's CUDA rasterizer and this run has no CUDA device "
                                           "(--reference-on-cpu runs the loop through the torch renderer as a smoke test)"}
         print(f"(r) reference skipped: {report['reference']['skipped']}", flush=True)

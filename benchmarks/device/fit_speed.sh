@@ -16,6 +16,8 @@
 # Writes $OUT/fit_speed.json (benchmarks/_record.py: device, versions, command, timings), $OUT/fit_speed.log,
 # $OUT/data.log, $OUT/gpu.txt. Expects .whl/ (and optionally .gpu/gsplat_cuda.so) in the repo root (setup.sh).
 #   bash benchmarks/device/fit_speed.sh        (BUDGET=340 BATCHES=128,64,32 REF_STEPS=7000 REF_PROC=2 REF_MESH=2)
+# VARIANTS: settings arms (bench_fit --variants), each at every batch size; REF_JSON: take the reference rows from
+# an earlier record of the same renders (bench_fit --reference-json; with REF_PROC=0 REF_MESH=0 REF_RESERVE=0).
 . benchmarks/device/setup.sh
 BUDGET=${BUDGET:-340}; BATCHES=${BATCHES:-128,64,32}; REF_STEPS=${REF_STEPS:-7000}
 REF_PROC=${REF_PROC:-2}; REF_MESH=${REF_MESH:-2}; REF_RESERVE=${REF_RESERVE:-80}
@@ -39,6 +41,7 @@ timeout $LEFT python3 bench_fit.py --data $W/proc --meshes $W/meshes --skip-qual
   --steps ${STEPS:-1500} --tau 36864 --views-per-step 4 --resolution ${RES:-256} --batches $BATCHES --throughput-objects 32 \
   --deadline $(( LEFT - REF_RESERVE )) --reference --reference-steps $REF_STEPS --reference-objects $REF_PROC \
   --reference-meshes $REF_MESH --reference-procs $(( REF_PROC + REF_MESH > 0 ? REF_PROC + REF_MESH : 1 )) --json $OUT/fit_speed.json $CPU_ARGS \
+  ${VARIANTS:+--variants "$VARIANTS"} ${REF_JSON:+--reference-json "$REF_JSON"} \
   2>&1 | grep --line-buffered -v '^{' | tee $OUT/fit_speed.log
 rc=${PIPESTATUS[0]}
 echo "[$(el) s] bench_fit rc $rc (124: stopped at the hard limit; the JSON holds what finished)"
