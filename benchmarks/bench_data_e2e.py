@@ -1,7 +1,7 @@
 """End-to-end data throughput (issue #19 part 3): generate -> fit -> prune_check -> atlas -> normalize on one GPU,
 the stages overlapped, for >= 1,000 procedural objects.
 
-    python benchmarks/bench_data_e2e.py --out /tmp/w/e2e --objects 1000 --batch 32 --json /tmp/w/e2e.json
+    python benchmarks/bench_data_e2e.py --out /tmp/w/e2e --objects 1000 --batch 128 --json /tmp/w/e2e.json
     python benchmarks/bench_data_e2e.py --device cpu --objects 6 --batch 3 --resolution 32 --views 8 --steps 20 \\
         --side 16 --out /tmp/e2e-smoke --json /tmp/e2e-smoke.json          # the CPU smoke test (plumbing only)
 
@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--objects", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32, help="objects packed into one fit")
+    ap.add_argument("--batch", type=int, default=128, help="objects packed into one fit (128: the fastest size the H200 sweep measured)")
     g = ap.add_argument_group("generate")
     g.add_argument("--resolution", type=int, default=256, help="render side")
     g.add_argument("--views", type=int, default=32, help="views per object (every fit.holdout_every-th held out)")
