@@ -6,7 +6,10 @@
 Both compute the same SSIM (tests/unit/test_fit_layout.py checks value and gradient); median of ``--repeats``.
 ``separable_s`` is ``ssim(kernels="torch")`` (the two grouped conv2d passes). On CUDA the Triton blur
 (``ssim(kernels="triton")``, tests/unit/test_fit_blur.py) is timed too: ``triton_s`` and
-``triton_speedup`` = separable_s / triton_s. torchmetrics is timed only when it imports.
+``triton_speedup`` = separable_s / triton_s, and the fused SSIM (``ssim(kernels="fused")``, forward and backward
+in two Triton kernels): ``fused_s``, ``fused_speedup`` = separable_s / fused_s, ``fused_vs_triton`` =
+triton_s / fused_s, and its value / gradient differences from the conv2d path. torchmetrics is timed only
+when it imports.
 """
 
 from __future__ import annotations
@@ -87,6 +90,21 @@ def main() -> None:
                 "triton_grad_max_diff": float((grads[0][1] - grads[1][1]).abs().max())}
         print(f"  triton blur {1e3 * tri:.1f} ms -> {ours / tri:.2f}x the conv2d passes (|difference| "
               f"{res['triton_abs_diff']:.1e}, gradient {res['triton_grad_max_diff']:.1e})")
+
+        def fused(p, t):
+            return ssim(p, t, kernels="fused")
+
+        fus = timed(fused, pred, target, args.repeats, dev)
+        p = pred.detach().requires_grad_(True)
+        v = fused(p, target)
+        gf = torch.autograd.grad(v, p)[0]
+        res |= {"fused_s": fus, "fused_speedup": ours / fus, "fused_vs_triton": tri / fus,
+                "fused_abs_diff": abs(grads[0][0] - float(v)),
+                "fused_grad_max_diff": float((grads[0][1] - gf).abs().max()),
+                "grad_max_abs": float(grads[0][1].abs().max())}
+        print(f"  fused SSIM {1e3 * fus:.1f} ms -> {ours / fus:.2f}x the conv2d passes, {tri / fus:.2f}x the triton "
+              f"blur (|difference| {res['fused_abs_diff']:.1e}, gradient {res['fused_grad_max_diff']:.1e} of "
+              f"max {res['grad_max_abs']:.1e})")
     write_record(args.json, res)
 
 

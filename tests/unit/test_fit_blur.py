@@ -1,4 +1,5 @@
-"""The Triton blur of the SSIM window (gaussian_atlas.fit._blur_triton) against the conv2d passes of ``ssim``.
+"""The Triton blur of the SSIM window (gaussian_atlas.fit._blur_triton) against the conv2d passes of ``ssim``,
+and the fused Triton SSIM (gaussian_atlas.fit._ssim_triton, ``kernels="fused"``) against the torch path.
 
 Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU: slow, so
 the problems are small). Without triton (CI) every test here is skipped but the last (``"auto"`` on
@@ -16,7 +17,7 @@ import torch
 if not torch.cuda.is_available():  # must be set before the kernel is decorated (first import of _blur_triton)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from gaussian_atlas.fit import _blur_triton, losses  # noqa: E402
+from gaussian_atlas.fit import _blur_triton, _ssim_triton, losses  # noqa: E402
 from gaussian_atlas.fit.losses import _blur_torch, _gaussian_1d, ssim  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,11 +83,13 @@ def test_ssim_triton_equals_torch_value_and_gradient():
 
 
 def test_ssim_auto_on_cpu_uses_torch(monkeypatch):
-    """kernels="auto" on CPU tensors never touches the Triton blur (no triton needed); unknown names are refused."""
+    """kernels="auto" on CPU tensors never touches the Triton blur nor the fused SSIM (no triton needed); unknown
+    names are refused."""
     def fail(*args, **kwargs):
         raise AssertionError("the Triton blur was used on a CPU tensor")
 
     monkeypatch.setattr(losses, "_blur_triton", fail)
+    monkeypatch.setattr(losses, "_ssim_fused", fail)
     gen = torch.Generator().manual_seed(2)
     target = torch.rand(2, 16, 16, 3, generator=gen)
     pred = target.clone().requires_grad_(True)
@@ -136,3 +139,103 @@ def test_kernel_compiles_for_sm90():
     assert r.returncode == 0, r.stderr[-3000:]
     sizes = eval(r.stdout.strip().splitlines()[-1])  # {pass: cubin bytes}
     assert len(sizes) == 4 and min(sizes.values()) > 0
+
+
+def _ssim_case(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pred, target) [2, 20, 24, 3] in [0, 1]: "noisy" (pred = target + noise), or "flat": constant areas in the
+    target and pred == target over regions that hold them (variances ~0, clamped by rounding; S ~1)."""
+    gen = torch.Generator().manual_seed(7 if kind == "noisy" else 8)
+    target = torch.rand(2, 20, 24, 3, generator=gen)
+    if kind == "flat":
+        target[0, :10] = 0.5
+        target[1, :, :12] = 0.0
+        target[1, 15:, 12:] = 1.0
+    pred = (target + 0.2 * torch.randn(target.shape, generator=gen)).clamp(0, 1)
+    if kind == "flat":
+        pred[0, :12] = target[0, :12]
+        pred[1, :, :14] = target[1, :, :14]
+    return pred.to(DEV), target.to(DEV)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["noisy", "flat"])
+def test_ssim_fused_equals_torch_value_and_gradient(kind):
+    """ssim(kernels="fused") is ssim(kernels="torch"), value and gradient w.r.t. pred (upstream gradient -2.5), to
+    float32 rounding. Where the variances are ~0 (flat areas, pred == target) both float32 paths round the clamp and
+    1 / (2 cov + c2) differently: there the fused gradient must be as close to float64 as the torch one (2x)."""
+    pred, target = _ssim_case(kind)
+    up = torch.tensor(-2.5, device=DEV)
+    vals, grads = [], []
+    for kernels, dtype in (("fused", torch.float32), ("torch", torch.float32), ("torch", torch.float64)):
+        p = pred.to(dtype).requires_grad_(True)
+        v = ssim(p, target.to(dtype), kernels=kernels)
+        vals.append(v.detach().double())
+        grads.append(torch.autograd.grad(v, p, up.to(dtype))[0].double())
+    assert grads[0].shape == pred.shape
+    torch.testing.assert_close(vals[0], vals[1], rtol=1e-5, atol=0.0)
+    scale = float(grads[2].abs().max())
+    err_fused, err_torch = float((grads[0] - grads[2]).abs().max()), float((grads[1] - grads[2]).abs().max())
+    if kind == "noisy":
+        torch.testing.assert_close(grads[0], grads[1], rtol=0.0, atol=5e-6 * scale)
+        assert err_fused < 5e-6 * scale
+    else:
+        torch.testing.assert_close(grads[0], grads[1], rtol=0.0, atol=1e-4 * scale)
+        assert err_fused < 2 * err_torch + 1e-6 * scale, (err_fused, err_torch, scale)
+    assert abs(float(vals[0]) - float(vals[2])) < 1e-6
+
+
+@needs_triton
+def test_ssim_fused_selftest_no_grad_and_target_gradient_refused():
+    """The self-test ("auto" runs it once on CUDA) passes; without a gradient (the kernel without the D maps) the
+    value is the same; a target that needs a gradient is refused by "fused" (and "auto" leaves it to the blur)."""
+    _ssim_triton.selftest(DEV)
+    pred, target = _ssim_case("noisy")
+    pred, target = pred[:1, :12, :14], target[:1, :12, :14]
+    with torch.no_grad():
+        torch.testing.assert_close(ssim(pred, target, kernels="fused"), ssim(pred, target, kernels="torch"),
+                                   rtol=1e-5, atol=0.0)
+    with pytest.raises(ValueError, match="no gradient for the target"):
+        ssim(pred, target.clone().requires_grad_(True), kernels="fused")
+    with pytest.raises(ValueError):
+        _ssim_triton.ssim_padded(pred[..., 0].double(), target[..., 0].double())
+
+
+def test_ssim_auto_falls_back_from_fused_once(monkeypatch):
+    """Under "auto", a fused SSIM that raises warns once and leaves every later call on the blur path (here torch);
+    a forced "fused" does not fall back."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(losses, "_FUSED_SSIM_OK", None)
+    monkeypatch.setattr(losses, "_fused_ssim_usable", lambda device: losses._FUSED_SSIM_OK is not False)
+    monkeypatch.setattr(losses, "_triton_blur_usable", lambda device: False)
+    monkeypatch.setattr(losses, "_ssim_fused", broken)
+    pred, target = _ssim_case("noisy")
+    pred, target = pred.cpu(), target.cpu()
+    with pytest.warns(UserWarning, match="fused Triton SSIM failed"):
+        first = ssim(pred, target)
+    assert losses._FUSED_SSIM_OK is False and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = ssim(pred, target)
+    assert len(calls) == 1
+    assert torch.equal(first, second) and torch.equal(first, ssim(pred, target, kernels="torch"))
+    with pytest.raises(RuntimeError):
+        ssim(pred, target, kernels="fused")
+
+
+@needs_triton
+def test_fused_ssim_kernels_compile_for_sm90():
+    """Compile the fused SSIM's kernels (forward with and without the D maps, backward) for sm_90, as above."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from gaussian_atlas.fit._ssim_triton import compile_check; print(compile_check(90))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sizes = eval(r.stdout.strip().splitlines()[-1])  # {kernel: cubin bytes}
+    assert set(sizes) == {"forward", "forward_grad", "backward"} and min(sizes.values()) > 0

@@ -20,8 +20,9 @@ def _gaussian_1d(dtype: torch.dtype, device: torch.device) -> Tensor:
     return g / g.sum()
 
 
-SSIM_KERNELS = ("auto", "torch", "triton")
+SSIM_KERNELS = ("auto", "torch", "triton", "fused")
 _TRITON_BLUR_OK: bool | None = None  # None: not tried; False: unavailable or failed once ("auto" then uses torch)
+_FUSED_SSIM_OK: bool | None = None  # the same for the fused SSIM ("auto" then uses the Triton blur, or torch)
 
 
 def _blur_torch(maps: Tensor, g: Tensor) -> Tensor:
@@ -37,6 +38,14 @@ def _blur_triton(maps: Tensor, g: Tensor) -> Tensor:
 
     N, C, Hp, Wp = maps.shape
     return blur_valid(maps.reshape(N * C, Hp, Wp), g).view(N, C, Hp - SSIM_WINDOW + 1, Wp - SSIM_WINDOW + 1)
+
+
+def _ssim_fused(x: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    """Padded x (pred), y (target) [B, C, H + 10, W + 10] float32 -> mean SSIM (0-dim): the fused Triton kernels."""
+    from ._ssim_triton import ssim_padded
+
+    B, C, Hp, Wp = x.shape
+    return ssim_padded(x.reshape(B * C, Hp, Wp).contiguous(), y.reshape(B * C, Hp, Wp).contiguous(), g)
 
 
 def _triton_blur_usable(device: torch.device) -> bool:
@@ -60,6 +69,27 @@ def _triton_blur_usable(device: torch.device) -> bool:
     return bool(_TRITON_BLUR_OK)
 
 
+def _fused_ssim_usable(device: torch.device) -> bool:
+    """Whether ``kernels="auto"`` uses the fused SSIM on ``device`` (CUDA): triton imports and its self-test
+    (value and gradient against the torch path on small planes) passes; a failure warns once and sends every
+    later call to the Triton blur (or torch)."""
+    global _FUSED_SSIM_OK
+    if device.type != "cuda" or _FUSED_SSIM_OK is False:
+        return False
+    if _FUSED_SSIM_OK is None:
+        try:
+            from ._ssim_triton import available, selftest
+
+            if not available():  # no triton: nothing to warn about
+                _FUSED_SSIM_OK = False
+                return False
+            selftest(device)
+            _FUSED_SSIM_OK = True
+        except Exception as e:  # a triton that cannot build the kernels here, or a wrong result
+            _disable_fused_ssim(e)
+    return bool(_FUSED_SSIM_OK)
+
+
 def _disable_triton_blur(e: Exception) -> None:
     """Warn (once: later "auto" calls no longer try) and send "auto" to the torch path."""
     import warnings
@@ -67,6 +97,15 @@ def _disable_triton_blur(e: Exception) -> None:
     global _TRITON_BLUR_OK
     _TRITON_BLUR_OK = False
     warnings.warn(f"ssim: the Triton blur failed ({e!r:.300}); using torch's conv2d from now on", stacklevel=3)
+
+
+def _disable_fused_ssim(e: Exception) -> None:
+    """Warn (once: later "auto" calls no longer try) and send "auto" to the Triton blur (or torch)."""
+    import warnings
+
+    global _FUSED_SSIM_OK
+    _FUSED_SSIM_OK = False
+    warnings.warn(f"ssim: the fused Triton SSIM failed ({e!r:.300}); using the blur path from now on", stacklevel=3)
 
 
 def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
@@ -80,8 +119,11 @@ def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
 
     kernels : ``"torch"``: the passes as grouped ``conv2d``. ``"triton"``: one Triton kernel a
         pass (``fit._blur_triton``; float32; on a CPU tensor only under ``TRITON_INTERPRET=1``,
-        i.e. tests). ``"auto"``: triton for float32 CUDA tensors when it imports and runs (the
-        first failure warns once, then torch), torch otherwise.
+        i.e. tests). ``"fused"``: the whole SSIM, forward and backward, in two Triton kernels on
+        the padded images (``fit._ssim_triton``; float32; no gradient for ``target``; CPU as for
+        "triton"). ``"auto"``: fused for float32 CUDA tensors when triton imports and its
+        self-test passes (and ``target`` needs no gradient), else the Triton blur when that runs,
+        else torch; the first failure of either warns once and falls back from then on.
     """
     if kernels not in SSIM_KERNELS:
         raise ValueError(f"kernels must be one of {SSIM_KERNELS}, not {kernels!r}")
@@ -91,10 +133,18 @@ def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
     x = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
     y = torch.nn.functional.pad(y, (p, p, p, p), mode="reflect")
     g = _gaussian_1d(x.dtype, x.device)
-    maps = torch.cat((x, y, x * x, y * y, x * y))  # [5B, C, H + 2p, W + 2p]
     auto = kernels == "auto"
+    f32 = x.dtype == torch.float32 and y.dtype == torch.float32
+    if auto and f32 and not target.requires_grad and _fused_ssim_usable(x.device):
+        try:
+            return _ssim_fused(x, y, g)
+        except Exception as e:  # the probe ran but this shape did not build; the blur path from now on
+            _disable_fused_ssim(e)
+    elif kernels == "fused":
+        return _ssim_fused(x, y, g)
+    maps = torch.cat((x, y, x * x, y * y, x * y))  # [5B, C, H + 2p, W + 2p]
     if auto:
-        kernels = "triton" if maps.dtype == torch.float32 and _triton_blur_usable(maps.device) else "torch"
+        kernels = "triton" if f32 and _triton_blur_usable(maps.device) else "torch"
     try:
         maps = _blur_triton(maps, g) if kernels == "triton" else _blur_torch(maps, g)  # [5B, C, H, W]
     except Exception as e:  # "auto" only: the probe ran but this shape did not build; torch from now on
