@@ -1,10 +1,12 @@
 #!/bin/bash
 # Issue #19 in one lease, one setsid daemon (collect with arms_e2e_poll.sh UNTIL):
+#   0. bench_ssim: the loss's SSIM forward + backward at 512 images of 256², conv2d / Triton blur / fused Triton SSIM;
 #   1. arms: the packed fitter at batch 128 (1,500 steps, paper-scale keys) with each settings arm of VARIANTS, on
 #      the renders of benchmarks/device/fit_speed.sh, against the plain gsplat reference rows of
 #      docs/bench/fit_speed_h200.json (same renders: deterministic generators; not fitted again);
 #   2. benchmarks/pick_fit_arm.py picks the settings by its fixed rule (control = that record's batch-128 row);
-#   3. benchmarks/bench_data_e2e.py: 1,000 procedural objects, batches of 128, with the picked settings (--fit-set),
+#   3. benchmarks/bench_data_e2e.py: 1,000 procedural objects, batches of 128, with the picked settings (--fit-set;
+#      ssim_kernels=fused if (0) measured it faster than the blur and equal to conv2d, else triton),
 #      no new fit batch after END_S - 150 s from the start (the batch in flight and its atlas then finish).
 # Usage (repo root on the device machine; carry .whl and .gpu):
 #   GATLAS_COMMIT=<sha> END_S=1450 bash benchmarks/device/arms_e2e_session.sh && bash benchmarks/device/arms_e2e_poll.sh 540
@@ -12,11 +14,26 @@
 ROOT=$(pwd)
 source benchmarks/device/setup.sh
 date +%s > /tmp/T0a
+# every arm keeps the control's SSIM path (the Triton blur: ssim_kernels=triton), so arms differ from it in their settings only
 S="lr_means=0.00056,lr_means_final=0.0000056,densify.grow_scale3d=0.035,densify.prune_scale3d=0.35"
-export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50;scene35:$S;both:densify.refine_every=50,$S"}
+K="ssim_kernels=triton"
+export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50,$K;scene35:$S,$K;both:densify.refine_every=50,$S,$K"}
 export GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-560}
 setsid nohup bash -c '
   W=/tmp/w; T0=$(cat /tmp/T0a); el() { echo $(( $(date +%s) - T0 )); }
+  cd /tmp/tree && timeout 150 python3 benchmarks/bench_ssim.py --images 512 --side 256 --json $W/ssim_h200.json \
+    > $W/ssim.log 2>&1
+  # the e2e run takes the fused SSIM only when it was faster than the Triton blur here and equal to the conv2d path
+  SSIM_E2E=$(python3 -c "
+import json
+try:
+    d = json.load(open(\"$W/ssim_h200.json\"))
+except Exception:
+    d = {}
+ok = \"fused_s\" in d and d[\"fused_s\"] < d.get(\"triton_s\", 0) and d[\"fused_abs_diff\"] < 1e-5 \
+    and d[\"fused_grad_max_diff\"] < 1e-3 * d[\"grad_max_abs\"]
+print(\"fused\" if ok else \"triton\")")
+  echo "ssim rc at $(el): e2e uses ssim_kernels=$SSIM_E2E" >> $W/phases.txt
   echo "arms start $(el): $VARIANTS" >> $W/phases.txt
   cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=$ARMS_BUDGET BATCHES=128 REF_PROC=0 REF_MESH=0 REF_RESERVE=0 \
     REF_JSON=$ROOT/docs/bench/fit_speed_h200.json bash benchmarks/device/fit_speed.sh > $W/arms.log 2>&1
@@ -28,7 +45,8 @@ setsid nohup bash -c '
   MAX_MIN=$(python3 -c "print(max(1.0, ($END_S - $(el) - 150) / 60))")
   echo "e2e start $(el), --max-minutes $MAX_MIN" >> $W/phases.txt
   cd /tmp/tree && python3 benchmarks/bench_data_e2e.py --out $W/e2e --json $W/e2e_h200.json --objects 1000 \
-    --batch 128 --workers 12 --max-minutes $MAX_MIN --fit-set "$(cat $W/arm.txt)" > $W/e2e.log 2>&1
+    --batch 128 --workers 12 --max-minutes $MAX_MIN --fit-set "$(cat $W/arm.txt),ssim_kernels=$SSIM_E2E" \
+    > $W/e2e.log 2>&1
   echo "e2e rc $? at $(el)" >> $W/phases.txt
   touch $W/done' > /dev/null 2>&1 < /dev/null &
 sleep 1; echo "started $(date +%T), commit $GATLAS_COMMIT, END_S $END_S"; cat /tmp/w/gpu.txt

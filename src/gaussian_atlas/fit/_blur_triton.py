@@ -105,7 +105,7 @@ class _BlurValid(torch.autograd.Function):
 def selftest(device: torch.device) -> None:
     """Build and run the four passes (valid and full, both axes) on a small ``[2, 20, 21]`` stack on ``device``;
     raises if triton cannot, or if the forward blur differs from the grouped ``conv2d`` passes."""
-    from .losses import _gaussian_1d
+    from ._ssim_window import _gaussian_1d
 
     g = _gaussian_1d(torch.float32, device)
     x = torch.rand(2, 20, 21, device=device)
@@ -141,7 +141,7 @@ def blur_valid(x: Tensor, g: Tensor | None = None) -> Tensor:
     """x [P, H + 10, W + 10] float32 -> [P, H, W]: the separable Gaussian window (taps ``g`` [11], by default
     ``losses._gaussian_1d``), valid mode; differentiable in ``x``."""
     if g is None:
-        from .losses import _gaussian_1d
+        from ._ssim_window import _gaussian_1d
 
         g = _gaussian_1d(torch.float32, x.device)
     return _BlurValid.apply(x, g)

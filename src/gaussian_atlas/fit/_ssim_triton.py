@@ -202,7 +202,7 @@ def ssim_padded(xp: Tensor, yp: Tensor, g: Tensor | None = None) -> Tensor:
     if yp.requires_grad:
         raise ValueError("the fused SSIM gives no gradient for the target: detach it, or use kernels='triton'")
     if g is None:
-        from .losses import _gaussian_1d
+        from ._ssim_window import _gaussian_1d
 
         g = _gaussian_1d(torch.float32, xp.device)
     return _SsimPadded.apply(xp.contiguous(), yp.contiguous(), g.to(xp.device, torch.float32).contiguous())
@@ -210,7 +210,7 @@ def ssim_padded(xp: Tensor, yp: Tensor, g: Tensor | None = None) -> Tensor:
 
 def _torch_reference(xp: Tensor, yp: Tensor) -> Tensor:
     """The torch path of ``losses.ssim`` on padded planes [P, H + 10, W + 10] -> mean S (for the self-test)."""
-    from .losses import _blur_torch, _gaussian_1d
+    from ._ssim_window import _blur_torch, _gaussian_1d
 
     g = _gaussian_1d(xp.dtype, xp.device)
     maps = _blur_torch(torch.stack((xp, yp, xp * xp, yp * yp, xp * yp), 1), g)  # [P, 5, H, W]

@@ -100,6 +100,9 @@ class FitConfig:
         the loop stops after the step that reaches it (0 = no budget: ``steps`` steps).
     bound_rank : which Gaussians the bound removes first (``"plain"``):
         ``"visibility"`` (the paper's), ``"opacity"`` or ``"random"`` (ablation controls).
+    ssim_kernels : how the loss's SSIM runs (:func:`~gaussian_atlas.fit.losses.ssim`): ``"auto"`` (CUDA: the
+        fused Triton SSIM, else the Triton blur, else conv2d; CPU: conv2d), ``"fused"``, ``"triton"``, ``"torch"``.
+        The same value to float32 rounding.
     """
 
     steps: int = 1500
@@ -130,9 +133,14 @@ class FitConfig:
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     max_seconds: float = 0.0
     bound_rank: str = "visibility"
+    ssim_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         from ..prune import BOUND_RANKS
+        from ._ssim_window import SSIM_KERNELS
+
+        if self.ssim_kernels not in SSIM_KERNELS:
+            raise ValueError(f"fit: unknown ssim_kernels {self.ssim_kernels!r}; choose one of {SSIM_KERNELS}")
 
         if self.bound_rank not in BOUND_RANKS:
             raise ValueError(f"fit: unknown bound_rank {self.bound_rank!r}; choose one of {BOUND_RANKS}")

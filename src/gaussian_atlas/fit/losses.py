@@ -7,29 +7,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._ssim_window import SSIM_KERNELS, SSIM_SIGMA, SSIM_WINDOW, _blur_torch, _gaussian_1d  # noqa: F401
 from .config import FitConfig
 
 
-SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # torchmetrics' defaults (Wang et al. 2004)
-
-
-def _gaussian_1d(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[11]`` normalised Gaussian taps (σ = 1.5), as torchmetrics builds its window."""
-    d = torch.arange((1 - SSIM_WINDOW) / 2, (1 + SSIM_WINDOW) / 2, 1.0, dtype=dtype, device=device)
-    g = torch.exp(-0.5 * (d / SSIM_SIGMA) ** 2)
-    return g / g.sum()
-
-
-SSIM_KERNELS = ("auto", "torch", "triton", "fused")
 _TRITON_BLUR_OK: bool | None = None  # None: not tried; False: unavailable or failed once ("auto" then uses torch)
 _FUSED_SSIM_OK: bool | None = None  # the same for the fused SSIM ("auto" then uses the Triton blur, or torch)
-
-
-def _blur_torch(maps: Tensor, g: Tensor) -> Tensor:
-    """[N, C, H + 10, W + 10] -> [N, C, H, W]: the window as two grouped 1-D ``conv2d`` passes (valid)."""
-    C = maps.shape[1]
-    maps = torch.nn.functional.conv2d(maps, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)  # down the columns
-    return torch.nn.functional.conv2d(maps, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)  # along the rows
 
 
 def _blur_triton(maps: Tensor, g: Tensor) -> Tensor:
@@ -207,7 +190,7 @@ def photometric_loss(out: Any, gt_rgb: Tensor, gt_alpha: Tensor, scales: Tensor,
     l1 = torch.abs(out.rgb - gt_rgb).mean()
     loss = cfg.lambda_rgb * l1
     if cfg.lambda_ssim > 0:
-        loss = loss + cfg.lambda_ssim * (1.0 - ssim(out.rgb, gt_rgb))
+        loss = loss + cfg.lambda_ssim * (1.0 - ssim(out.rgb, gt_rgb, kernels=cfg.ssim_kernels))
     if lpips_fn is not None:
         loss = loss + cfg.lambda_lpips * lpips_fn(out.rgb, gt_rgb)
     if cfg.lambda_mask > 0:
