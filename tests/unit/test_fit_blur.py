@@ -210,6 +210,7 @@ def test_ssim_auto_falls_back_from_fused_once(monkeypatch):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(losses, "_FUSED_SSIM_OK", None)
+    monkeypatch.setattr(losses, "AUTO_PREFERS_FUSED", True)
     monkeypatch.setattr(losses, "_fused_ssim_usable", lambda device: losses._FUSED_SSIM_OK is not False)
     monkeypatch.setattr(losses, "_triton_blur_usable", lambda device: False)
     monkeypatch.setattr(losses, "_ssim_fused", broken)

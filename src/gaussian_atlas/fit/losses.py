@@ -13,6 +13,9 @@ from .config import FitConfig
 
 _TRITON_BLUR_OK: bool | None = None  # None: not tried; False: unavailable or failed once ("auto" then uses torch)
 _FUSED_SSIM_OK: bool | None = None  # the same for the fused SSIM ("auto" then uses the Triton blur, or torch)
+# Whether "auto" tries the fused SSIM before the Triton blur. Off until it is measured faster on a GPU: the blur is
+# measured (1.76x the conv2d passes on the H200, docs/bench/ssim_h200.json); the fused kernels are not yet.
+AUTO_PREFERS_FUSED = False
 
 
 def _blur_triton(maps: Tensor, g: Tensor) -> Tensor:
@@ -104,9 +107,10 @@ def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
         pass (``fit._blur_triton``; float32; on a CPU tensor only under ``TRITON_INTERPRET=1``,
         i.e. tests). ``"fused"``: the whole SSIM, forward and backward, in two Triton kernels on
         the padded images (``fit._ssim_triton``; float32; no gradient for ``target``; CPU as for
-        "triton"). ``"auto"``: fused for float32 CUDA tensors when triton imports and its
-        self-test passes (and ``target`` needs no gradient), else the Triton blur when that runs,
-        else torch; the first failure of either warns once and falls back from then on.
+        "triton"). ``"auto"``: the Triton blur for float32 CUDA tensors when triton imports and its
+        self-test passes, else torch (with ``AUTO_PREFERS_FUSED``, set once the fused kernels are
+        measured faster on a GPU: fused first, when ``target`` needs no gradient); the first failure
+        of either warns once and falls back from then on.
     """
     if kernels not in SSIM_KERNELS:
         raise ValueError(f"kernels must be one of {SSIM_KERNELS}, not {kernels!r}")
@@ -118,7 +122,7 @@ def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
     g = _gaussian_1d(x.dtype, x.device)
     auto = kernels == "auto"
     f32 = x.dtype == torch.float32 and y.dtype == torch.float32
-    if auto and f32 and not target.requires_grad and _fused_ssim_usable(x.device):
+    if auto and AUTO_PREFERS_FUSED and f32 and not target.requires_grad and _fused_ssim_usable(x.device):
         try:
             return _ssim_fused(x, y, g)
         except Exception as e:  # the probe ran but this shape did not build; the blur path from now on
