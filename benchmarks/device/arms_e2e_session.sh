@@ -19,7 +19,7 @@ S="lr_means=0.00056,lr_means_final=0.0000056,densify.grow_scale3d=0.035,densify.
 K="ssim_kernels=triton"
 # two arms, not three: with three the 1,000 objects no longer fit in the 30-minute lease at ~73 objects/min
 export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50,$K;both:densify.refine_every=50,$S,$K"}
-export GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-560}
+export GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420}
 setsid nohup bash -c '
   W=/tmp/w; T0=$(cat /tmp/T0a); el() { echo $(( $(date +%s) - T0 )); }
   cd /tmp/tree && timeout 150 python3 benchmarks/bench_ssim.py --images 512 --side 256 --json $W/ssim_h200.json \
