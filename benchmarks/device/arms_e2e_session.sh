@@ -10,7 +10,8 @@
 #      no new fit batch after END_S - 150 s from the start (the batch in flight and its atlas then finish).
 # Usage (repo root on the device machine; carry .whl and .gpu):
 #   GATLAS_COMMIT=<sha> END_S=1450 bash benchmarks/device/arms_e2e_session.sh && bash benchmarks/device/arms_e2e_poll.sh 540
-# VARIANTS defaults to the arms stated in docs/benchmarks.md before the run ("Next experiment").
+# VARIANTS defaults to the arms stated in docs/benchmarks.md before the run ("Next experiment"). E2E_ARGS: more
+# bench_data_e2e flags (later ones win), e.g. for a CPU dry run of the plumbing.
 ROOT=$(pwd)
 source benchmarks/device/setup.sh
 date +%s > /tmp/T0a
@@ -19,7 +20,7 @@ S="lr_means=0.00056,lr_means_final=0.0000056,densify.grow_scale3d=0.035,densify.
 K="ssim_kernels=triton"
 # two arms, not three: with three the 1,000 objects no longer fit in the 30-minute lease at ~73 objects/min
 export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50,$K;both:densify.refine_every=50,$S,$K"}
-export GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420}
+export E2E_ARGS=${E2E_ARGS:-} GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420}
 setsid nohup bash -c '
   W=/tmp/w; T0=$(cat /tmp/T0a); el() { echo $(( $(date +%s) - T0 )); }
   cd /tmp/tree && timeout 150 python3 benchmarks/bench_ssim.py --images 512 --side 256 --json $W/ssim_h200.json \
@@ -47,7 +48,7 @@ print(\"fused\" if ok else \"triton\")")
   echo "e2e start $(el), --max-minutes $MAX_MIN" >> $W/phases.txt
   cd /tmp/tree && python3 benchmarks/bench_data_e2e.py --out $W/e2e --json $W/e2e_h200.json --objects 1000 \
     --batch 128 --workers 12 --max-minutes $MAX_MIN --fit-set "$(cat $W/arm.txt),ssim_kernels=$SSIM_E2E" \
-    > $W/e2e.log 2>&1
+    $E2E_ARGS > $W/e2e.log 2>&1
   echo "e2e rc $? at $(el)" >> $W/phases.txt
   touch $W/done' > /dev/null 2>&1 < /dev/null &
 sleep 1; echo "started $(date +%T), commit $GATLAS_COMMIT, END_S $END_S"; cat /tmp/w/gpu.txt
