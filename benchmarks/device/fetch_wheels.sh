@@ -8,6 +8,11 @@ set -e
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version ${PYVER:-3.12} --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
-  -d .whl diffusers gsplat plyfile trimesh embreex rtree importlib_metadata zipp jaxtyping wadler_lindig 2>&1 \
+  -d .whl $(python3 -c "
+import re, tomllib
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']  # the project's own version specs
+want = ('diffusers', 'gsplat', 'plyfile', 'trimesh', 'embreex')
+print(' '.join(d.replace(' ', '') for d in deps if re.split(r'[<>=!~\[ ]', d)[0] in want))
+") rtree importlib_metadata zipp jaxtyping wadler_lindig 2>&1 \
   | grep -v "WARNING: Location" || true
 ls .whl
