@@ -205,8 +205,8 @@ def produce(spec: dict, obj_dir: str, render_cfg: Any, fit_side: int) -> dict:
 
 def plain_verdict(table: Any, cfg: Any) -> dict[int, list[str]]:
     """prune_check's suite (:func:`gaussian_atlas.checks.prune_checks`) read by pandas instead of great-expectations:
-    the same expectations (values in a set, values between bounds; missing values pass, as great-expectations
-    skips nulls), the same reasons, a failed fit reported by its own reason only. Returns row -> reasons."""
+    the same expectations (values in a set, values between bounds — missing values pass those, as great-expectations
+    skips nulls — and values not null), the same reasons, a failed fit reported by its own reason only. Returns row -> reasons."""
     import pandas as pd
 
     from gaussian_atlas.checks import prune_checks
@@ -223,6 +223,8 @@ def plain_verdict(table: Any, cfg: Any) -> dict[int, list[str]]:
         col = frame[kw["column"]]
         if name == "ExpectColumnValuesToBeInSet":
             bad = col.notna() & ~col.isin(kw["value_set"])
+        elif name == "ExpectColumnValuesToNotBeNull":
+            bad = col.isna()
         elif name == "ExpectColumnValuesToBeBetween":
             v = pd.to_numeric(col, errors="coerce")
             bad = pd.Series(False, index=frame.index)

@@ -237,6 +237,9 @@ def prune_checks(cfg: Any) -> list[Check]:
               lambda r: f"{r['n_nonfinite']:.0f} Gaussians with NaN/inf parameters"),
         Check(("ExpectColumnValuesToBeBetween", {"column": "psnr", "min_value": cfg.psnr_floor}),
               lambda r: f"held-out PSNR {r['psnr']:.2f} dB below the floor {cfg.psnr_floor:g} dB"),
+        # the floor above skips missing values (great-expectations ignores nulls): a NaN PSNR must fail on its own
+        Check(("ExpectColumnValuesToNotBeNull", {"column": "psnr"}),
+              lambda r: "held-out PSNR missing (NaN: the held-out render gave no finite value)"),
         Check(("ExpectColumnValuesToBeBetween", {"column": "log_scale_min", "min_value": lo}),
               lambda r: f"degenerate scale {math.exp(r['log_scale_min']):.2g} (< {cfg.min_scale:g})"),
         Check(("ExpectColumnValuesToBeBetween", {"column": "log_scale_max", "max_value": hi}),

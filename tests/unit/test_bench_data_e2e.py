@@ -43,7 +43,8 @@ def test_plain_prune_check_agrees_with_great_expectations():
     plain = _load().plain_verdict(table, cfg)
     gx = validate_fits(table, cfg)["reasons"]
     assert plain == gx
-    assert set(plain) == {1, 2, 3, 4, 5, 6, 8}  # the suite can reject: a good fit and one at the floor pass
+    assert set(plain) == {1, 2, 3, 4, 5, 6, 7, 8}  # the suite can reject: a good fit and one at the floor pass
+    assert plain[7] == ["held-out PSNR missing (NaN: the held-out render gave no finite value)"]
     assert plain[8] == ["fit failed: boom"]
 
 

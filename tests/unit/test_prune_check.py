@@ -22,6 +22,7 @@ def test_each_bad_fit_rejected_with_reason(tmp_path):
         "too_many": {"n_gaussians": 1001},
         "nan": {"n_nonfinite": 3},
         "blurry": {"psnr": 21.5},
+        "no_psnr": {"psnr": float("nan")},  # an "ok" fit whose held-out render gave NaN: must not pass
         "tiny_scale": {"log_scale_min": math.log(1e-9)},
         "huge_scale": {"log_scale_max": math.log(5.0)},
         "transparent": {"frac_transparent": 0.8},
@@ -35,6 +36,7 @@ def test_each_bad_fit_rejected_with_reason(tmp_path):
     assert "1001 Gaussians (allowed 1..1000)" in reasons["too_many"]
     assert "3 Gaussians with NaN/inf" in reasons["nan"]
     assert "PSNR 21.50 dB below the floor 25 dB" in reasons["blurry"]
+    assert reasons["no_psnr"] == "held-out PSNR missing (NaN: the held-out render gave no finite value)"
     assert "degenerate scale 1e-09" in reasons["tiny_scale"]
     assert "degenerate scale 5" in reasons["huge_scale"]
     assert "80% of the Gaussians are transparent" in reasons["transparent"]
