@@ -25,6 +25,19 @@ needs_triton = pytest.mark.skipif(not _blur_triton.available(),
                                   reason="triton is not installed (CI has none); the kernel needs it")
 
 
+def _compile_for_sm90(module: str) -> dict:
+    """``gaussian_atlas.fit.<module>.compile_check(90)`` in a child process without the interpreter (the interpreter
+    neither types nor lowers a kernel): its {kernel: cubin bytes}."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"from gaussian_atlas.fit.{module} import compile_check; print(compile_check(90))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return eval(r.stdout.strip().splitlines()[-1])
+
+
 def _reference(x: torch.Tensor) -> torch.Tensor:
     """[P, H + 10, W + 10] -> [P, H, W] through the conv2d passes of ssim."""
     return _blur_torch(x[:, None], _gaussian_1d(x.dtype, x.device))[:, 0]
@@ -130,14 +143,7 @@ def test_ssim_auto_falls_back_to_torch_once_after_a_triton_failure(monkeypatch):
 @needs_triton
 def test_kernel_compiles_for_sm90():
     """The interpreter does not type or lower the kernel: compile its four passes for an H100/H200 (sm_90) here."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from gaussian_atlas.fit._blur_triton import compile_check; print(compile_check(90))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sizes = eval(r.stdout.strip().splitlines()[-1])  # {pass: cubin bytes}
+    sizes = _compile_for_sm90("_blur_triton")  # {pass: cubin bytes}
     assert len(sizes) == 4 and min(sizes.values()) > 0
 
 
@@ -231,12 +237,5 @@ def test_ssim_auto_falls_back_from_fused_once(monkeypatch):
 @needs_triton
 def test_fused_ssim_kernels_compile_for_sm90():
     """Compile the fused SSIM's kernels (forward with and without the D maps, backward) for sm_90, as above."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from gaussian_atlas.fit._ssim_triton import compile_check; print(compile_check(90))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sizes = eval(r.stdout.strip().splitlines()[-1])  # {kernel: cubin bytes}
+    sizes = _compile_for_sm90("_ssim_triton")  # {kernel: cubin bytes}
     assert set(sizes) == {"forward", "forward_grad", "backward"} and min(sizes.values()) > 0

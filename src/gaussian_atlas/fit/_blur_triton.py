@@ -24,16 +24,7 @@ TAPS = 11  # the SSIM window (losses.SSIM_WINDOW)
 _BLOCK_I, _BLOCK_J, _WARPS = 32, 64, 4  # output tile (rows x columns) and warps per program; not tuned on a GPU
 
 
-try:  # guarded: the package imports on machines without triton (CI)
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a triton that does not fit this torch
-    triton = tl = None
-
-
-def available() -> bool:
-    """Whether triton imported (the kernel is compiled on first use)."""
-    return triton is not None
+from ._triton import available, tl, triton  # noqa: F401  (guarded: None without triton)
 
 
 if triton is not None:

@@ -29,16 +29,7 @@ _FWD_BLOCK_I, _FWD_BLOCK_J, _FWD_WARPS = 16, 64, 4  # output tile of the forward
 _BWD_BLOCK_I, _BWD_BLOCK_J, _BWD_WARPS = 16, 64, 4  # padded-input tile of the backward; not tuned on a GPU
 
 
-try:  # guarded: the package imports on machines without triton (CI)
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a triton that does not fit this torch
-    triton = tl = None
-
-
-def available() -> bool:
-    """Whether triton imported (the kernels are compiled on first use)."""
-    return triton is not None
+from ._triton import available, tl, triton  # noqa: F401  (guarded: None without triton)
 
 
 if triton is not None:

@@ -34,64 +34,63 @@ def _ssim_fused(x: Tensor, y: Tensor, g: Tensor) -> Tensor:
     return ssim_padded(x.reshape(B * C, Hp, Wp).contiguous(), y.reshape(B * C, Hp, Wp).contiguous(), g)
 
 
-def _triton_blur_usable(device: torch.device) -> bool:
-    """Whether ``kernels="auto"`` uses the Triton blur on ``device`` (CUDA): triton imports and its
-    self-test (forward and adjoint passes on a small stack) runs; a failure warns once and sends every
-    later call to the torch path."""
-    global _TRITON_BLUR_OK
-    if device.type != "cuda" or _TRITON_BLUR_OK is False:
+def _probe(flag: str, load: Callable[[], tuple[Callable, Callable]], device: torch.device,
+           disable: Callable[[Exception], None]) -> bool:
+    """Whether ``kernels="auto"`` may use a Triton path on ``device`` (CUDA): its module's ``(available, selftest)``
+    (``load()``) say triton imported and the self-test runs; the outcome is kept in the module flag ``flag`` (None: not tried), and a failure
+    warns once through ``disable`` and sends every later call elsewhere."""
+    if device.type != "cuda" or globals()[flag] is False:
         return False
-    if _TRITON_BLUR_OK is None:
+    if globals()[flag] is None:
         try:
-            from ._blur_triton import available, selftest
-
+            available, selftest = load()
             if not available():  # no triton: nothing to warn about
-                _TRITON_BLUR_OK = False
+                globals()[flag] = False
                 return False
             selftest(device)
-            _TRITON_BLUR_OK = True
-        except Exception as e:  # a triton that cannot build the kernel here
-            _disable_triton_blur(e)
-    return bool(_TRITON_BLUR_OK)
+            globals()[flag] = True
+        except Exception as e:  # a triton that cannot build the kernels here, or a wrong result
+            disable(e)
+    return bool(globals()[flag])
+
+
+def _load_blur() -> tuple[Callable, Callable]:
+    from ._blur_triton import available, selftest
+
+    return available, selftest
+
+
+def _load_fused() -> tuple[Callable, Callable]:
+    from ._ssim_triton import available, selftest
+
+    return available, selftest
+
+
+def _triton_blur_usable(device: torch.device) -> bool:
+    """The Triton blur (self-test: forward and adjoint passes on a small stack); a failure: torch from then on."""
+    return _probe("_TRITON_BLUR_OK", _load_blur, device, _disable_triton_blur)
 
 
 def _fused_ssim_usable(device: torch.device) -> bool:
-    """Whether ``kernels="auto"`` uses the fused SSIM on ``device`` (CUDA): triton imports and its self-test
-    (value and gradient against the torch path on small planes) passes; a failure warns once and sends every
-    later call to the Triton blur (or torch)."""
-    global _FUSED_SSIM_OK
-    if device.type != "cuda" or _FUSED_SSIM_OK is False:
-        return False
-    if _FUSED_SSIM_OK is None:
-        try:
-            from ._ssim_triton import available, selftest
+    """The fused SSIM (self-test: value and gradient against the torch path on small planes); a failure: the
+    Triton blur (or torch) from then on."""
+    return _probe("_FUSED_SSIM_OK", _load_fused, device, _disable_fused_ssim)
 
-            if not available():  # no triton: nothing to warn about
-                _FUSED_SSIM_OK = False
-                return False
-            selftest(device)
-            _FUSED_SSIM_OK = True
-        except Exception as e:  # a triton that cannot build the kernels here, or a wrong result
-            _disable_fused_ssim(e)
-    return bool(_FUSED_SSIM_OK)
+
+def _disable(flag: str, what: str, instead: str, e: Exception) -> None:
+    """Warn once (later "auto" calls no longer try ``what``) and clear ``flag``."""
+    import warnings
+
+    globals()[flag] = False
+    warnings.warn(f"ssim: the {what} failed ({e!r:.300}); using {instead} from now on", stacklevel=4)
 
 
 def _disable_triton_blur(e: Exception) -> None:
-    """Warn (once: later "auto" calls no longer try) and send "auto" to the torch path."""
-    import warnings
-
-    global _TRITON_BLUR_OK
-    _TRITON_BLUR_OK = False
-    warnings.warn(f"ssim: the Triton blur failed ({e!r:.300}); using torch's conv2d from now on", stacklevel=3)
+    _disable("_TRITON_BLUR_OK", "Triton blur", "torch's conv2d", e)
 
 
 def _disable_fused_ssim(e: Exception) -> None:
-    """Warn (once: later "auto" calls no longer try) and send "auto" to the Triton blur (or torch)."""
-    import warnings
-
-    global _FUSED_SSIM_OK
-    _FUSED_SSIM_OK = False
-    warnings.warn(f"ssim: the fused Triton SSIM failed ({e!r:.300}); using the blur path from now on", stacklevel=3)
+    _disable("_FUSED_SSIM_OK", "fused Triton SSIM", "the blur path", e)
 
 
 def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
