@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 TAPS = 11  # the SSIM window (losses.SSIM_WINDOW)
-C1, C2 = 0.01 ** 2, 0.03 ** 2  # losses.ssim's constants (data range 1)
 _FWD_BLOCK_I, _FWD_BLOCK_J, _FWD_WARPS = 16, 64, 4  # output tile of the forward; not tuned on a GPU
 _BWD_BLOCK_I, _BWD_BLOCK_J, _BWD_WARPS = 16, 64, 4  # padded-input tile of the backward; not tuned on a GPU
 
 
+from ._ssim_window import SSIM_C1 as C1, SSIM_C2 as C2
 from ._triton import available, tl, triton  # noqa: F401  (guarded: None without triton)
 
 
@@ -201,15 +201,11 @@ def ssim_padded(xp: Tensor, yp: Tensor, g: Tensor | None = None) -> Tensor:
 
 def _torch_reference(xp: Tensor, yp: Tensor) -> Tensor:
     """The torch path of ``losses.ssim`` on padded planes [P, H + 10, W + 10] -> mean S (for the self-test)."""
-    from ._ssim_window import _blur_torch, _gaussian_1d
+    from ._ssim_window import _blur_torch, _gaussian_1d, ssim_of_moments
 
     g = _gaussian_1d(xp.dtype, xp.device)
     maps = _blur_torch(torch.stack((xp, yp, xp * xp, yp * yp, xp * yp), 1), g)  # [P, 5, H, W]
-    mu_x, mu_y, xx, yy, xy = maps.unbind(1)
-    var_x, var_y = torch.clamp(xx - mu_x ** 2, min=0.0), torch.clamp(yy - mu_y ** 2, min=0.0)
-    s = ((2 * mu_x * mu_y + C1) * (2 * (xy - mu_x * mu_y) + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1)
-                                                                  * (var_x + var_y + C2))
-    return s.mean()
+    return ssim_of_moments(*maps.unbind(1))
 
 
 def selftest(device: torch.device) -> None:

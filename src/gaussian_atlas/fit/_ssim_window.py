@@ -9,6 +9,7 @@ from torch import Tensor
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # torchmetrics' defaults (Wang et al. 2004)
 SSIM_KERNELS = ("auto", "torch", "triton", "fused")  # fit.ssim_kernels (see losses.ssim)
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # stabilising constants (K1 = 0.01, K2 = 0.03, data range 1)
 
 
 def _gaussian_1d(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -23,3 +24,12 @@ def _blur_torch(maps: Tensor, g: Tensor) -> Tensor:
     C = maps.shape[1]
     maps = torch.nn.functional.conv2d(maps, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)  # down the columns
     return torch.nn.functional.conv2d(maps, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)  # along the rows
+
+
+def ssim_of_moments(mu_x: Tensor, mu_y: Tensor, xx: Tensor, yy: Tensor, xy: Tensor) -> Tensor:
+    """Mean SSIM from the windowed moments (blurred x, y, x², y², xy; any equal shapes): variances clamped at 0."""
+    mu_xx, mu_yy, mu_xy = mu_x.pow(2), mu_y.pow(2), mu_x * mu_y
+    var_x, var_y = torch.clamp(xx - mu_xx, min=0.0), torch.clamp(yy - mu_yy, min=0.0)
+    cov = xy - mu_xy
+    s = ((2 * mu_xy + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mu_xx + mu_yy + SSIM_C1) * (var_x + var_y + SSIM_C2))
+    return s.mean()

@@ -7,7 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._ssim_window import SSIM_KERNELS, SSIM_SIGMA, SSIM_WINDOW, _blur_torch, _gaussian_1d  # noqa: F401
+from ._ssim_window import (SSIM_C1, SSIM_C2, SSIM_KERNELS, SSIM_SIGMA, SSIM_WINDOW, _blur_torch,  # noqa: F401
+                           _gaussian_1d, ssim_of_moments)
 from .config import FitConfig
 
 
@@ -138,13 +139,7 @@ def ssim(pred: Tensor, target: Tensor, kernels: str = "auto") -> Tensor:
             raise
         _disable_triton_blur(e)
         maps = _blur_torch(maps, g)
-    mu_x, mu_y, xx, yy, xy = maps.split(B)  # [B, C, H, W] each
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mu_xx, mu_yy, mu_xy = mu_x.pow(2), mu_y.pow(2), mu_x * mu_y
-    var_x, var_y = torch.clamp(xx - mu_xx, min=0.0), torch.clamp(yy - mu_yy, min=0.0)
-    cov = xy - mu_xy
-    s = ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
-    return s.mean()
+    return ssim_of_moments(*maps.split(B))  # mu_x, mu_y, xx, yy, xy [B, C, H, W] each
 
 
 def psnr(pred: Tensor, target: Tensor) -> Tensor:
