@@ -10,6 +10,8 @@
 #      no new fit batch after END_S - 150 s from the start (the batch in flight and its atlas then finish).
 # Usage (repo root on the device machine; carry .whl and .gpu):
 #   GATLAS_COMMIT=<sha> END_S=1450 bash benchmarks/device/arms_e2e_session.sh && bash benchmarks/device/arms_e2e_poll.sh 540
+# ORDER=e2e-first: the 1,000 objects first, with the control's settings (a lease too short for both in the other
+# order: new fit batches stop ARMS_RESERVE + 150 s before END_S), then the arms with what is left.
 # VARIANTS defaults to the arms stated in docs/benchmarks.md before the run ("Next experiment"). E2E_ARGS: more
 # bench_data_e2e flags (later ones win), e.g. for a CPU dry run of the plumbing.
 ROOT=$(pwd)
@@ -20,7 +22,8 @@ S="lr_means=0.00056,lr_means_final=0.0000056,densify.grow_scale3d=0.035,densify.
 K="ssim_kernels=triton"
 # two arms, not three: with three the 1,000 objects no longer fit in the 30-minute lease at ~73 objects/min
 export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50,$K;both:densify.refine_every=50,$S,$K"}
-export E2E_ARGS=${E2E_ARGS:-} GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420}
+export E2E_ARGS=${E2E_ARGS:-} GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420} \
+  ORDER=${ORDER:-arms-first} ARMS_RESERVE=${ARMS_RESERVE:-330}
 setsid nohup bash -c '
   W=/tmp/w; T0=$(cat /tmp/T0a); el() { echo $(( $(date +%s) - T0 )); }
   if [ -z "$GSPLAT_PREBUILT" ]; then  # no saved build carried: build gsplat once, before anything is timed
@@ -40,19 +43,29 @@ ok = \"fused_s\" in d and d[\"fused_s\"] < d.get(\"triton_s\", 0) and d[\"fused_
     and d[\"fused_grad_max_diff\"] < 1e-3 * d[\"grad_max_abs\"]
 print(\"fused\" if ok else \"triton\")")
   echo "ssim rc at $(el): e2e uses ssim_kernels=$SSIM_E2E" >> $W/phases.txt
-  echo "arms start $(el): $VARIANTS" >> $W/phases.txt
-  cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=$ARMS_BUDGET BATCHES=128 REF_PROC=0 REF_MESH=0 REF_RESERVE=0 \
-    REF_JSON=$ROOT/docs/bench/fit_speed_h200.json bash benchmarks/device/fit_speed.sh > $W/arms.log 2>&1
-  echo "arms rc $? at $(el)" >> $W/phases.txt
-  cp $W/fit/fit_speed.json $W/fit_arms_h200.json
-  python3 /tmp/tree/benchmarks/pick_fit_arm.py $ROOT/docs/bench/fit_speed_h200.json $W/fit_arms_h200.json \
-    > $W/arm.txt 2> $W/pick.log
-  echo "pick rc $? at $(el): [$(cat $W/arm.txt)]" >> $W/phases.txt
-  MAX_MIN=$(python3 -c "print(max(1.0, ($END_S - $(el) - 150) / 60))")
-  echo "e2e start $(el), --max-minutes $MAX_MIN" >> $W/phases.txt
-  cd /tmp/tree && python3 benchmarks/bench_data_e2e.py --out $W/e2e --json $W/e2e_h200.json --objects 1000 \
-    --batch 128 --workers 12 --max-minutes $MAX_MIN --fit-set "$(cat $W/arm.txt),ssim_kernels=$SSIM_E2E" \
-    $E2E_ARGS > $W/e2e.log 2>&1
-  echo "e2e rc $? at $(el)" >> $W/phases.txt
+  arms() {  # the settings arms, then the pick; BUDGET: the seconds they may take from here
+    echo "arms start $(el): $VARIANTS" >> $W/phases.txt
+    cd $ROOT && mkdir -p $W/fit && OUT=$W/fit BUDGET=$1 BATCHES=128 REF_PROC=0 REF_MESH=0 REF_RESERVE=0 \
+      REF_JSON=$ROOT/docs/bench/fit_speed_h200.json bash benchmarks/device/fit_speed.sh > $W/arms.log 2>&1
+    echo "arms rc $? at $(el)" >> $W/phases.txt
+    cp $W/fit/fit_speed.json $W/fit_arms_h200.json
+    python3 /tmp/tree/benchmarks/pick_fit_arm.py $ROOT/docs/bench/fit_speed_h200.json $W/fit_arms_h200.json \
+      > $W/arm.txt 2> $W/pick.log
+    echo "pick rc $? at $(el): [$(cat $W/arm.txt)]" >> $W/phases.txt
+  }
+  e2e() {  # the 1,000 objects with fit settings $1; no new fit batch after $2 s from the start
+    MAX_MIN=$(python3 -c "print(max(1.0, ($2 - $(el)) / 60))")
+    echo "e2e start $(el), --max-minutes $MAX_MIN, --fit-set [$1]" >> $W/phases.txt
+    cd /tmp/tree && python3 benchmarks/bench_data_e2e.py --out $W/e2e --json $W/e2e_h200.json --objects 1000 \
+      --batch 128 --workers 12 --max-minutes $MAX_MIN --fit-set "$1" $E2E_ARGS > $W/e2e.log 2>&1
+    echo "e2e rc $? at $(el)" >> $W/phases.txt
+  }
+  if [ "$ORDER" = e2e-first ]; then
+    e2e "ssim_kernels=$SSIM_E2E" $(( END_S - ARMS_RESERVE - 150 ))
+    arms $(( END_S - $(el) ))
+  else
+    arms $ARMS_BUDGET
+    e2e "$(cat $W/arm.txt),ssim_kernels=$SSIM_E2E" $(( END_S - 150 ))
+  fi
   touch $W/done' > /dev/null 2>&1 < /dev/null &
 sleep 1; echo "started $(date +%T), commit $GATLAS_COMMIT, END_S $END_S"; cat /tmp/w/gpu.txt
