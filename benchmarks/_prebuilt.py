@@ -16,6 +16,8 @@ def use_prebuilt_gsplat(path: str | None = None) -> bool:
     path = path or os.environ.get("GSPLAT_PREBUILT")
     if not path or not os.path.exists(path):
         return False
+    import torch  # noqa: F401  (the saved build links against torch's libc10 / libtorch: load them first)
+
     spec = importlib.util.spec_from_file_location("gsplat_cuda", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]

@@ -12,6 +12,7 @@
 #   GATLAS_COMMIT=<sha> END_S=1450 bash benchmarks/device/arms_e2e_session.sh && bash benchmarks/device/arms_e2e_poll.sh 540
 # ORDER=e2e-first: the 1,000 objects first, with the control's settings (a lease too short for both in the other
 # order: new fit batches stop ARMS_RESERVE + 150 s before END_S), then the arms with what is left.
+# E2E_FIT_SET=<overrides>: only the 1,000 objects, with these fit settings (a second lease after the arms).
 # VARIANTS defaults to the arms stated in docs/benchmarks.md before the run ("Next experiment"). E2E_ARGS: more
 # bench_data_e2e flags (later ones win), e.g. for a CPU dry run of the plumbing.
 ROOT=$(pwd)
@@ -22,13 +23,18 @@ S="lr_means=0.00056,lr_means_final=0.0000056,densify.grow_scale3d=0.035,densify.
 K="ssim_kernels=triton"
 # two arms, not three: with three the 1,000 objects no longer fit in the 30-minute lease at ~73 objects/min
 export VARIANTS=${VARIANTS:-"refine50:densify.refine_every=50,$K;both:densify.refine_every=50,$S,$K"}
-export E2E_ARGS=${E2E_ARGS:-} GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420} \
+export E2E_ARGS=${E2E_ARGS:-} E2E_FIT_SET=${E2E_FIT_SET:-} GATLAS_COMMIT ROOT END_S=${END_S:-1450} ARMS_BUDGET=${ARMS_BUDGET:-420} \
   ORDER=${ORDER:-arms-first} ARMS_RESERVE=${ARMS_RESERVE:-330}
 setsid nohup bash -c '
   W=/tmp/w; T0=$(cat /tmp/T0a); el() { echo $(( $(date +%s) - T0 )); }
   if [ -z "$GSPLAT_PREBUILT" ]; then  # no saved build carried: build gsplat once, before anything is timed
     python3 -c "from gsplat.cuda._backend import _C; print(_C)" > $W/gsplat_build.log 2>&1
     echo "gsplat build done $(el)" >> $W/phases.txt
+  fi
+  if [ -n "$E2E_FIT_SET" ]; then  # ORDER=e2e-only: the settings are given, no SSIM run
+    cd /tmp/tree && python3 benchmarks/bench_data_e2e.py --out $W/e2e --json $W/e2e_h200.json --objects 1000 \
+      --batch 128 --workers 12 --max-minutes $(( (END_S - 150) / 60 )) --fit-set "$E2E_FIT_SET" $E2E_ARGS > $W/e2e.log 2>&1
+    echo "e2e rc $? at $(el), --fit-set [$E2E_FIT_SET]" >> $W/phases.txt; touch $W/done; exit
   fi
   cd /tmp/tree && timeout 150 python3 benchmarks/bench_ssim.py --images 512 --side 256 --json $W/ssim_h200.json \
     > $W/ssim.log 2>&1
