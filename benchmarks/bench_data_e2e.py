@@ -174,11 +174,11 @@ def shard_of(index: int) -> str:
 
 
 def _render_worker_init(nice: int) -> None:
-    with contextlib.suppress(OSError):
-        os.nice(nice)
-    import torch
+    import torch  # noqa: F401  (the worker's load step uses torch: imported once here, then limited with the rest)
 
-    torch.set_num_threads(1)
+    from gaussian_atlas.procedural import render_worker_init
+
+    render_worker_init(nice)
 
 
 def produce(spec: dict, obj_dir: str, render_cfg: Any, fit_side: int) -> dict:

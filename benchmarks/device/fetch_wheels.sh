@@ -11,7 +11,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version ${PYVE
   -d .whl $(python3 -c "
 import re, tomllib
 deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']  # the project's own version specs
-want = ('diffusers', 'gsplat', 'plyfile', 'trimesh', 'embreex')
+want = ('diffusers', 'gsplat', 'plyfile', 'trimesh', 'embreex', 'threadpoolctl')
 print(' '.join(d.replace(' ', '') for d in deps if re.split(r'[<>=!~\[ ]', d)[0] in want))
 ") rtree importlib_metadata zipp jaxtyping wadler_lindig 2>&1 \
   | grep -v "WARNING: Location" || true

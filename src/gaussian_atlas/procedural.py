@@ -57,6 +57,7 @@ __all__ = [
     "object_seed",
     "build_object",
     "generate_dataset",
+    "render_worker_init",
 ]
 
 # shape key -> noun used in captions
@@ -399,6 +400,36 @@ def _up_to_date(folder: Path, spec: Mapping[str, Any], render_cfg: RenderConfig)
         return False
 
 
+def render_worker_init(nice: int = 0) -> None:
+    """Initialise a render process: one BLAS / OpenMP / torch thread (and ``nice`` added to its niceness).
+
+    Each spawned renderer otherwise starts numpy's OpenBLAS with a thread per core, so ``W`` renderers run
+    ``W x cores`` threads that contend for the cores: on the 2-core development machine two renderers took 1.45x as
+    long per object as with one thread each (``benchmarks/bench_render_pool.py``), and on the 16-core GPU machine
+    12 renderers took 15.7 s per object against ~4.5 s for one renderer alone here (docs/benchmarks.md, the
+    end-to-end run). Limits are set with threadpoolctl (after numpy's import, which a spawned child does before
+    any initializer runs); without threadpoolctl only torch is limited, said once as a warning.
+    """
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency; a bare GPU image may lack it
+        import warnings
+
+        warnings.warn("threadpoolctl is not installed: render workers keep numpy's BLAS threads (pip install "
+                      "threadpoolctl)", RuntimeWarning, stacklevel=2)
+    else:
+        threadpool_limits(limits=1)  # every BLAS / OpenMP pool of this process, for its lifetime
+    import sys
+
+    if "torch" in sys.modules:  # never import torch here: the renderers need only numpy / trimesh
+        sys.modules["torch"].set_num_threads(1)
+
+
 def generate_dataset(cfg: ProceduralConfig, out_root: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """Render the procedural dataset to ``out_root`` (resumable).
 
@@ -449,7 +480,8 @@ def generate_dataset(cfg: ProceduralConfig, out_root: str | os.PathLike, progres
             import multiprocessing as mp
 
             # spawn: safe even when the caller holds threads (Prefect, MLflow); workers import only numpy/trimesh
-            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=mp.get_context("spawn"),
+                                     initializer=render_worker_init) as pool:
                 futures = [pool.submit(_render_one, s, str(objects_dir / s["id"]), cfg.render) for s in todo]
                 try:
                     for fut in as_completed(futures):
