@@ -27,8 +27,12 @@ the paper-scale keys set by flags whose defaults are the paper's: ``--steps 1500
 (densification every 100 steps from step 100 to 0.8 x steps, as the paper-scale fits of bench_fit / gpu_run), fit
 at the rendered side (``--fit-resolution 0``), atlas side ``--side 128`` (N = 16,384).
 
-**How the stages overlap** (``--overlap pipeline``, the default; ``--overlap none`` runs the same work strictly one
-stage after the other, batch by batch, as the baseline):
+**How the stages overlap** (``--overlap pipeline``, the default; ``--overlap renders``: renders ahead as in
+``pipeline``, but each batch's prune_check + atlas + normalize runs alone on the GPU right after its fit, before the
+next fit starts; ``--overlap none`` runs the same work strictly one stage after the other, batch by batch, as the
+baseline). Why ``renders``: in the first GPU run (H100, 2026-12-07) the atlas worker *process* beside the fit took
+2.3 s per object (its kernels time-slice with the fit's context; the assignment alone takes 0.21-0.26 s) and slowed
+the fit from 56.5 to ~40 objects/min, so the atlas, not the fit, set the pace (docs/benchmarks.md):
 
 1. generation runs in ``--workers`` CPU processes (spawn, ``nice +--nice``, one torch thread each): every object is
    rendered (skipped when its folder is complete and from the same spec), loaded as float arrays and resized to the
@@ -119,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--atlas-method", default="auto", help="assignment solver (auto: auction on the GPU)")
     g.add_argument("--atlas-batch", type=int, default=16, help="objects per batched assignment (gpu_run's 16)")
     g = ap.add_argument_group("overlap")
-    g.add_argument("--overlap", choices=["pipeline", "none"], default="pipeline")
+    g.add_argument("--overlap", choices=["pipeline", "renders", "none"], default="pipeline",
+                   help="pipeline: renders ahead + atlas of batch k beside the fit of k+1; renders: renders ahead, "
+                        "atlas after each fit; none: one stage after the other")
     g.add_argument("--atlas-worker", choices=["process", "thread"], default="process")
     g.add_argument("--atlas-queue", type=int, default=2, help="fitted batches waiting for the atlas worker at most")
     g.add_argument("--max-minutes", type=float, default=0.0,
@@ -677,7 +683,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     stopped_early, n_fit_now = False, 0
     try:
-        for k in todo[:1 + (args.prefetch if args.overlap == "pipeline" else 0)]:
+        ahead_ok = args.overlap in ("pipeline", "renders")  # renders of the next batches while one fits
+        for k in todo[:1 + (args.prefetch if ahead_ok else 0)]:
             submit(k)  # the renders start, then CUDA and gsplat, beside them
         extra["gsplat_ready_s"] = round(warm_gsplat(device), 3)
         for j, k in enumerate(todo):
@@ -687,7 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             # 1. inputs of batch k (submitted earlier: rendered while the previous batch fitted)
             submit(k)
-            if args.overlap == "pipeline":
+            if ahead_ok:
                 for ahead in todo[j + 1:j + 1 + args.prefetch]:
                     submit(ahead)
             t_wait = time.perf_counter()
@@ -726,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "generate": gen, "fit": {"n_fitted": len(order), "busy_s": fit_s, "waited_s": waited,
                                             "queue_wait_s": time.perf_counter() - t_q}}
             pending.append((k, atlas_pool.submit(atlas_batch, job)))
-            if args.overlap == "none":
+            if args.overlap != "pipeline":  # the atlas of batch k alone on the GPU, before the fit of k+1
                 collect(block=True, keep=0)
             collect()
             # progress

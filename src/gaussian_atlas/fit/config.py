@@ -101,7 +101,7 @@ class FitConfig:
     bound_rank : which Gaussians the bound removes first (``"plain"``):
         ``"visibility"`` (the paper's), ``"opacity"`` or ``"random"`` (ablation controls).
     ssim_kernels : how the loss's SSIM runs (:func:`~gaussian_atlas.fit.losses.ssim`): ``"auto"`` (CUDA: the
-        Triton blur, else conv2d; CPU: conv2d), ``"fused"`` (the whole SSIM in Triton kernels), ``"triton"``,
+        fused Triton SSIM, else the Triton blur, else conv2d; CPU: conv2d), ``"fused"`` (the whole SSIM in Triton kernels), ``"triton"``,
         ``"torch"``. The same value to float32 rounding.
     """
 
