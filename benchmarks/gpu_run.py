@@ -172,7 +172,8 @@ def atlases_and_stats(items: list[dict], acfg, atlas_dir: Path, stats_path: Path
     """Atlases of ``items`` (``write_atlases``) with their ``index.parquet``, and the pixel statistics of the
     training split only at ``stats_path``; returns (index, quarantine). ``device``: where the assignment runs
     (default: this machine's GPU, else the CPU); ``batch``: objects per batched assignment; ``timings``, when
-    given, receives the seconds of the atlases (``atlas_s``) and of the statistics (``normalize_s``)."""
+    given, receives the seconds of the atlases (``atlas_s``; ``atlas_parts``: write_atlases' split of them) and of the
+    statistics (``normalize_s``)."""
     import pandas as pd
 
     from gaussian_atlas import io as gio
@@ -180,7 +181,9 @@ def atlases_and_stats(items: list[dict], acfg, atlas_dir: Path, stats_path: Path
     from gaussian_atlas.normalize import RunningStats
 
     t = time.perf_counter()
-    arows, quarantine = write_atlases(items, acfg, atlas_dir, device=device or DEV, batch=batch, progress=progress)
+    parts: dict[str, float] = {}
+    arows, quarantine = write_atlases(items, acfg, atlas_dir, device=device or DEV, batch=batch, progress=progress,
+                                      timings=parts)
     index = pd.DataFrame(arows).sort_values("id").reset_index(drop=True)
     gio.write_parquet(atlas_dir / "index.parquet", index)
     t_stats = time.perf_counter()
@@ -190,7 +193,7 @@ def atlases_and_stats(items: list[dict], acfg, atlas_dir: Path, stats_path: Path
             stats.update(z["atlas"][None])
     stats.save(stats_path)
     if timings is not None:
-        timings.update(atlas_s=t_stats - t, normalize_s=time.perf_counter() - t_stats)
+        timings.update(atlas_s=t_stats - t, normalize_s=time.perf_counter() - t_stats, atlas_parts=parts)
     return index, quarantine
 
 

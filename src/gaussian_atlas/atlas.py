@@ -84,6 +84,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -746,7 +747,7 @@ def atlas_figure(atlas: Tensor | np.ndarray, scale: int = 1, pad: int = 2) -> np
 
 
 def neighbour_coherence(atlas: Tensor | np.ndarray, cfg: AtlasConfig = AtlasConfig(), *, grid: Tensor | None = None,
-                        k: int = 8, min_opacity: float = 1e-4, chunk: int = 4096) -> dict[str, float]:
+                        k: int = 8, min_opacity: float = 1e-4) -> dict[str, float]:
     """How much an atlas's pixel neighbourhood is a 3D neighbourhood (the structure a UNet can use).
 
     For each pair of horizontally or vertically adjacent pixels (right and down neighbours) that
@@ -760,7 +761,14 @@ def neighbour_coherence(atlas: Tensor | np.ndarray, cfg: AtlasConfig = AtlasConf
 
     atlas : ``[16, S, S]`` (the normalised frame is enough: both numbers are scale-free).
     Returns ``{"coherence", "distance_ratio", "n_pairs"}`` (NaN when there is no pair).
+
+    The ``k`` nearest neighbours come from a k-d tree (``scipy.spatial.cKDTree``, exact, float64) on the CPU:
+    at N = 16,384 it takes tens of milliseconds where the dense ``[R, R]`` distances took ~1.7 s on two cores
+    (``benchmarks/bench_coherence.py``); on the GPU machine that dense step, run per object in the atlas worker,
+    was most of the atlas stage's 2.3 s per object (docs/benchmarks.md, the end-to-end run).
     """
+    from scipy.spatial import cKDTree
+
     a = torch.as_tensor(np.asarray(atlas) if not isinstance(atlas, Tensor) else atlas).float().cpu()
     S = cfg.side
     g = atlas_to_gaussians(a, None, cfg, grid=grid)
@@ -774,21 +782,21 @@ def neighbour_coherence(atlas: Tensor | np.ndarray, cfg: AtlasConfig = AtlasConf
     rid = torch.nonzero(real).squeeze(1)
     if not len(pairs) or len(rid) <= k:
         return nan
-    xr = x[rid]  # [R, 3]
+    xr = x[rid].numpy()  # [R, 3]
     kk = min(k, len(rid) - 1)
-    nn_idx, kth = [], []
-    for s0 in range(0, len(rid), chunk):  # [c, R] distances, a chunk of rows at a time
-        d = torch.cdist(xr[s0:s0 + chunk], xr)
-        d[torch.arange(d.shape[0]), torch.arange(s0, s0 + d.shape[0])] = float("inf")  # not oneself
-        vals, ids = torch.topk(d, kk, dim=1, largest=False)
-        nn_idx.append(rid[ids])
-        kth.append(vals[:, -1])
+    dist_k, ids = cKDTree(xr).query(xr, k=kk + 1)  # [R, kk+1], nearest first; oneself among them (distance 0)
+    own = ids == np.arange(len(xr))[:, None]  # [R, kk+1]
+    # drop oneself; where a duplicate point took one's place in the kk+1 (oneself not listed), drop the farthest
+    own[~own.any(1), -1] = True
+    keep = ~own
+    nn_r = ids[keep].reshape(len(xr), kk)  # [R, kk] row ids of each real Gaussian's kk nearest others
+    kth = dist_k[keep].reshape(len(xr), kk)[:, -1]  # [R]
     nn = torch.full((S * S, kk), -1, dtype=torch.long)
-    nn[rid] = torch.cat(nn_idx)  # [N, k] pixel ids of each real Gaussian's k nearest
+    nn[rid] = rid[torch.from_numpy(nn_r)]  # [N, kk] pixel ids
     hit = (nn[pairs[:, 0]] == pairs[:, 1:2]).any(1)
     dist = (x[pairs[:, 0]] - x[pairs[:, 1]]).norm(dim=1)
     return {"coherence": float(hit.double().mean()),
-            "distance_ratio": float(dist.median() / torch.cat(kth).median().clamp_min(1e-12)),
+            "distance_ratio": float(dist.median() / torch.from_numpy(kth).median().clamp_min(1e-12)),
             "n_pairs": int(len(pairs))}
 
 
@@ -866,7 +874,8 @@ def _index_row(item: Mapping[str, Any], rel: str, z: Any) -> dict[str, Any]:
 
 def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir: str | os.PathLike, *,
                   reader: Any = None, device: str | torch.device = "cpu", batch: int = 8,
-                  use_gs2sphere: bool = False, progress: bool = True) -> tuple[list[dict], list[dict]]:
+                  use_gs2sphere: bool = False, progress: bool = True,
+                  timings: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:
     """Build and save the atlases of many objects; broken ones are quarantined, the rest go on.
 
     items : ``{"id", "src" (PLY path), "shard" (sub-folder), "caption"[, "split"]}`` per object
@@ -875,6 +884,8 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
         :func:`~gaussian_atlas.gaussians.read_gaussianverse_ply` for GaussianVerse fittings).
     use_gs2sphere : use a ``gs2sphere.npy`` next to each PLY as its sphere assignment
         (it must index this module's Fibonacci sphere; see :func:`gaussians_to_atlas`).
+    timings : when given, the seconds spent are added to its keys ``read_s`` (PLYs), ``build_s`` (assignment and
+        layout, :func:`build_atlases`, device work included), ``coherence_s`` and ``write_s`` (the ``.npz`` files).
 
     Writes ``out_dir/atlases/<shard>/<id>.npz`` (``atlas [16,S,S]`` float32, ``center``,
     ``scale``, ``n_real``, ``n_input``, ``stamp``, and :func:`neighbour_coherence`'s ``coherence``
@@ -912,7 +923,16 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
         todo.append((it, rel))
     bar = tqdm(total=len(todo), desc="atlas", unit="obj", disable=not progress)
     grid = atlas_grid(cfg, device) if todo else None  # once, for coherence
+    spent = {"read_s": 0.0, "build_s": 0.0, "coherence_s": 0.0, "write_s": 0.0}
+    clock = [time.perf_counter()]
+
+    def lap(key: str) -> None:
+        now = time.perf_counter()
+        spent[key] += now - clock[0]
+        clock[0] = now
+
     for start in range(0, len(todo), max(1, batch)):
+        lap("write_s")  # (the loop's own bookkeeping, counted with the writes)
         good, gs, idx = [], [], []
         for it, rel in todo[start:start + max(1, batch)]:
             try:
@@ -927,6 +947,7 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                 idx.append(gidx)
             except (OSError, ValueError) as exc:
                 quarantine.append({"id": str(it["id"]), "reason": str(exc)})
+        lap("read_s")
         if gs:
             try:
                 atlases, metas = build_atlases(gs, cfg, device=device,
@@ -940,14 +961,21 @@ def write_atlases(items: Sequence[Mapping[str, Any]], cfg: AtlasConfig, out_dir:
                         results.append(((it, rel), a.numpy(), m))
                     except ValueError as exc:
                         quarantine.append({"id": str(it["id"]), "reason": str(exc)})
+            lap("build_s")
             for (it, rel), a, m in results:
                 coh = neighbour_coherence(a, cfg, grid=grid)  # how much pixel neighbours are 3D neighbours
+                lap("coherence_s")
                 with gio.atomic_path(out_dir / rel, suffix=".npz") as tmp:
                     np.savez(tmp, atlas=np.asarray(a, dtype=np.float32), center=np.asarray(m["center"]),
                              scale=m["scale"], n_real=m["n_real"], n_input=m["n_input"], stamp=it["stamp"],
                              coherence=coh["coherence"], distance_ratio=coh["distance_ratio"])
                 with np.load(out_dir / rel) as z:
                     rows.append(_index_row(it, rel, z))
+                lap("write_s")
         bar.update(len(todo[start:start + max(1, batch)]))
     bar.close()
+    lap("write_s")
+    if timings is not None:
+        for key, sec in spent.items():
+            timings[key] = timings.get(key, 0.0) + sec
     return rows, quarantine

@@ -435,6 +435,52 @@ def test_neighbour_coherence_on_a_hand_made_atlas(cfg):
     assert c["distance_ratio"] > 1.0  # the median pair (halfway between 1 and S steps) is beyond the 2nd NN
 
 
+def _coherence_dense(atlas, cfg, grid, k):
+    """neighbour_coherence's definition written out with dense distances (the k-d tree's reference)."""
+    from gaussian_atlas.atlas import atlas_to_gaussians
+
+    S = cfg.side
+    g = atlas_to_gaussians(atlas, None, cfg, grid=grid)
+    x, real = g.means.double(), torch.sigmoid(g.opacity_logits.double()) >= 1e-4
+    idx = torch.arange(S * S).reshape(S, S)
+    pairs = torch.cat([torch.stack([idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)], 1),
+                       torch.stack([idx[:-1, :].reshape(-1), idx[1:, :].reshape(-1)], 1)])
+    pairs = pairs[real[pairs[:, 0]] & real[pairs[:, 1]]]
+    rid = torch.nonzero(real).squeeze(1)
+    d = ((x[rid][:, None] - x[rid][None]) ** 2).sum(-1).sqrt()  # exact pairwise distances [R, R]
+    d.fill_diagonal_(float("inf"))
+    vals, ids = torch.sort(d, dim=1, stable=True)
+    nn = torch.full((S * S, k), -1, dtype=torch.long)
+    nn[rid] = rid[ids[:, :k]]
+    hit = (nn[pairs[:, 0]] == pairs[:, 1:2]).any(1)
+    dist = (x[pairs[:, 0]] - x[pairs[:, 1]]).norm(dim=1)
+    return float(hit.double().mean()), float(dist.median() / vals[:, k - 1].median()), len(pairs)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_neighbour_coherence_equals_the_dense_definition(cfg, k):
+    """The k-d tree gives the same numbers as the dense distances, on a fitted-like layout with transparent
+    padding and with exactly repeated centres (oneself then need not be the first neighbour listed)."""
+    from dataclasses import replace
+
+    from gaussian_atlas.atlas import atlas_grid, neighbour_coherence
+
+    lc = replace(cfg, method="scipy")
+    g = _surface(200, seed=3)
+    g.means[150:170] = g.means[100:120]  # 20 duplicated centres
+    atlas, _ = gaussians_to_atlas(g, lc)
+    grid = atlas_grid(lc)
+    c = neighbour_coherence(atlas, lc, grid=grid, k=k)
+    coh, ratio, n_pairs = _coherence_dense(atlas, lc, grid, k)
+    assert c["n_pairs"] == n_pairs > 0
+    # a duplicate's two copies tie at distance 0: either may be listed first, so allow that many pairs to differ
+    assert c["coherence"] == pytest.approx(coh, abs=20 / n_pairs)
+    assert c["distance_ratio"] == pytest.approx(ratio, rel=1e-6)
+    without = neighbour_coherence(gaussians_to_atlas(_surface(200, seed=3), lc)[0], lc, grid=grid, k=k)
+    assert without["coherence"] == pytest.approx(_coherence_dense(gaussians_to_atlas(_surface(200, seed=3), lc)[0],
+                                                                  lc, grid, k)[0], abs=1e-12)
+
+
 def test_ot_layout_is_more_coherent_than_the_controls(tmp_path):
     """On a torus the paper's layout keeps far more pixel neighbours as 3D neighbours than the Z-order
     control, which keeps more than a random layout (the control that has no structure at all)."""
