@@ -77,7 +77,7 @@ print(\"fused\" if ok else \"$SSIM_KERNELS\")")
     echo "e2e rc $? at $(el)" >> $W/phases.txt
   }
   if [ "$ORDER" = e2e-first ]; then
-    e2e "" $(( END_S - ARMS_RESERVE - 150 ))  # the control's settings, ssim auto; gsplat loads or builds inside
+    e2e "" $(( END_S - ARMS_RESERVE - 150 ))  # the control settings, ssim auto; gsplat loads or builds inside
     arms $(( END_S - $(el) ))
   else
     prebuild
