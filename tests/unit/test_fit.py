@@ -50,6 +50,34 @@ def test_packed_fit_unpacks_each_object_at_the_origin(objects):
         assert r.gaussians.means.norm(dim=-1).median() < 1.5  # objects live in the unit sphere
 
 
+def test_min_scale_floors_what_adam_drives_down(objects, monkeypatch):
+    """The scale regulariser, through Adam, drives log-scales down step after step; ``min_scale`` stops them there,
+    in every step's parameters and in the result (and only there: the unconstrained fit goes below it)."""
+    drift = replace(CFG, steps=60, lr_scales=0.05, lambda_reg=1.0, densify=replace(CFG.densify, refine_stop_iter=0))
+    free = fit_objects(objects[:1], replace(drift, min_scale=1e-30))[0]
+    low = float(free.gaussians.log_scales.min())
+    floor = low + 1.0  # above where the unconstrained fit ended
+    seen = []
+    from gaussian_atlas.fit.plain import PlainFit
+
+    orig = PlainFit.stats
+
+    def stats(self):  # every step's smallest log-scale, after the optimiser step and the floor
+        seen.append(float(self.params["scales"].detach().min()))
+        return orig(self)
+
+    monkeypatch.setattr(PlainFit, "stats", stats)
+    res = fit_objects(objects[:1], replace(drift, min_scale=float(np.exp(floor))), on_step=lambda s, m: None)[0]
+    assert len(seen) == drift.steps and min(seen) >= floor - 1e-5
+    assert float(res.gaussians.log_scales.min()) >= floor - 1e-5 > low
+    assert (res.gaussians.log_scales < floor + 1e-5).any()  # the floor held some Gaussians
+
+
+def test_min_scale_must_be_positive():
+    with pytest.raises(ValueError, match="min_scale"):
+        FitConfig(min_scale=0.0)
+
+
 def test_objects_of_different_sizes_are_refused(objects):
     small = replace(objects[1], rgb=objects[1].rgb[:, :16, :16], alpha=objects[1].alpha[:, :16, :16])
     with pytest.raises(ValueError, match="share one image size"):

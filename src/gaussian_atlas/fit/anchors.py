@@ -579,6 +579,10 @@ class AnchorFit:
         return {"n_gaussians": self.n_drawn, "n_live": int(self.state["alive"].sum()),
                 "n_anchors": len(self.params["anchors"])}
 
+    def constrain(self) -> None:
+        """Nothing: the neural Gaussians' scales are ``exp(scaling) · sigmoid(·)``, bounded above by the anchor's;
+        ``fit.min_scale`` applies to free Gaussians (``"plain"``) only, like ``densify`` and their ``lr_*``."""
+
     def decay(self) -> None:
         for group in self.optimizers["offsets"].param_groups:
             group["lr"] *= self.offsets_decay

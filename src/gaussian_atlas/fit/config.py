@@ -94,12 +94,19 @@ class FitConfig:
     resolution : fit at this image side (images are resized once); 0 = as rendered.
     method : ``"plain"`` (free Gaussians + gsplat densification + the visibility bound) or
         ``"anchors"`` (Scaffold-GS anchors with view-independent MLPs, baked after fitting:
-        :mod:`gaussian_atlas.fit.anchors`, settings in ``anchors``). ``densify`` and the
+        :mod:`gaussian_atlas.fit.anchors`, settings in ``anchors``). ``densify``, ``min_scale`` and the
         ``lr_*`` of free Gaussians apply to ``"plain"`` only.
     max_seconds : wall-clock budget of one :func:`~gaussian_atlas.fit.fit_objects` call (the whole batch);
         the loop stops after the step that reaches it (0 = no budget: ``steps`` steps).
     bound_rank : which Gaussians the bound removes first (``"plain"``):
         ``"visibility"`` (the paper's), ``"opacity"`` or ``"random"`` (ablation controls).
+    min_scale : the smallest standard deviation a free Gaussian keeps (``"plain"``; unit-ball units): log-scales are
+        clamped to ``log(min_scale)`` after every optimiser step. Without it, Adam (which rescales even a vanishing
+        gradient to a step of ~``lr_scales``) drives the flat axes of surface Gaussians down by the mean-scale
+        regulariser ~0.005-0.017 in log per step without limit: e^-16 by step 950 of a 1,500-step CPU fit, and one
+        such Gaussian made prune_check reject 13 % of the objects of the H100 end-to-end run ("degenerate scale");
+        a paper-length fit (20,000 steps) would underflow float32. A floor far below a pixel (gsplat's 0.3 px²
+        screen-space dilation dominates any axis under ~1e-3 here) leaves the renders as they are.
     ssim_kernels : how the loss's SSIM runs (:func:`~gaussian_atlas.fit.losses.ssim`): ``"auto"`` (CUDA: the
         fused Triton SSIM, else the Triton blur, else conv2d; CPU: conv2d), ``"fused"`` (the whole SSIM in Triton kernels), ``"triton"``,
         ``"torch"``. The same value to float32 rounding.
@@ -134,6 +141,7 @@ class FitConfig:
     max_seconds: float = 0.0
     bound_rank: str = "visibility"
     ssim_kernels: str = "auto"
+    min_scale: float = 1e-5
 
     def __post_init__(self) -> None:
         from ..prune import BOUND_RANKS
@@ -148,6 +156,8 @@ class FitConfig:
             raise ValueError("fit: tau, steps, views_per_step must be >= 1 and holdout_every >= 2")
         if self.method not in METHODS:
             raise ValueError(f"fit: unknown method {self.method!r}; choose one of {METHODS}")
+        if not self.min_scale > 0:
+            raise ValueError(f"fit: min_scale must be > 0, got {self.min_scale}")
         if self.max_seconds < 0:
             raise ValueError(f"fit: max_seconds must be >= 0, got {self.max_seconds}")
 

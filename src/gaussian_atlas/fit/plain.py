@@ -123,6 +123,7 @@ class PlainFit:
                                                fused=device.type == "cuda" or None)
                            for k, lr in lrs.items()}
         self.means_decay = (cfg.lr_means_final / cfg.lr_means) ** (1.0 / max(1, cfg.steps))
+        self._log_min_scale = math.log(cfg.min_scale)
         d = cfg.densify
         self.strategy = BoundedVisibilityStrategy(
             tau=cfg.tau, group_spacing=cfg.spacing if len(objects) > 1 else None, rank_by=cfg.bound_rank,
@@ -179,6 +180,11 @@ class PlainFit:
 
     def stats(self) -> dict[str, int]:
         return {"n_gaussians": len(self.params["means"])}
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Log-scales at or above ``log(cfg.min_scale)`` (see :class:`~gaussian_atlas.fit.FitConfig`)."""
+        self.params["scales"].clamp_(min=self._log_min_scale)
 
     def decay(self) -> None:
         for group in self.optimizers["means"].param_groups:
