@@ -11,8 +11,8 @@ T = TypeVar("T")
 
 def parse_overrides(text: str) -> dict[str, Any]:
     """``"densify.refine_every=50,lr_means=5.6e-4"`` -> ``{"densify.refine_every": 50, "lr_means": 0.00056}``
-    (values read as YAML scalars: numbers, booleans, null, else strings). Raises ``ValueError`` on an item
-    without ``=``."""
+    (values read as YAML scalars: numbers, booleans, null, else strings; ``1e-5``, which YAML 1.1 leaves a string
+    for want of a dot, is read as the number it is). Raises ``ValueError`` on an item without ``=``."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -22,7 +22,13 @@ def parse_overrides(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r}: expected key=value (dotted keys for nested settings)")
-        out[key.strip()] = yaml.safe_load(value.strip())
+        v = yaml.safe_load(value.strip())
+        if isinstance(v, str):
+            try:
+                v = float(v) if v.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity") else v
+            except ValueError:
+                pass
+        out[key.strip()] = v
     return out
 
 

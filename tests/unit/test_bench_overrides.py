@@ -29,6 +29,13 @@ def test_overrides_set_dotted_keys_and_refuse_unknown_ones():
         parse_overrides("tau")
 
 
+def test_exponents_without_a_dot_are_numbers():
+    """YAML 1.1 reads ``1e-5`` as a string; an arm's ``min_scale=1e-5`` must still set the number."""
+    o = parse_overrides("min_scale=1e-5,lambda_reg=2E-3,method=plain,lpips_weights=nan")
+    assert o == {"min_scale": 1e-5, "lambda_reg": 2e-3, "method": "plain", "lpips_weights": "nan"}
+    assert with_overrides(FitConfig(), o).min_scale == 1e-5
+
+
 def test_pick_fit_arm_rule():
     """The end-to-end run's arm: the fastest at >= 50 objects/min with every object >= -0.3 dB, else the best worst
     object among those >= 50 objects/min, else none."""
