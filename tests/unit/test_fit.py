@@ -51,8 +51,8 @@ def test_packed_fit_unpacks_each_object_at_the_origin(objects):
 
 
 def test_min_scale_floors_what_adam_drives_down(objects, monkeypatch):
-    """The scale regulariser, through Adam, drives log-scales down step after step; ``min_scale`` stops them there,
-    in every step's parameters and in the result (and only there: the unconstrained fit goes below it)."""
+    """Log-scales pushed down step after step (here fast: a strong scale regulariser and a large learning rate)
+    stop at ``log(min_scale)``, in every step's parameters and in the result (the unconstrained fit goes below)."""
     drift = replace(CFG, steps=60, lr_scales=0.05, lambda_reg=1.0, densify=replace(CFG.densify, refine_stop_iter=0))
     free = fit_objects(objects[:1], replace(drift, min_scale=1e-30))[0]
     low = float(free.gaussians.log_scales.min())

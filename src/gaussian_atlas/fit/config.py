@@ -101,12 +101,13 @@ class FitConfig:
     bound_rank : which Gaussians the bound removes first (``"plain"``):
         ``"visibility"`` (the paper's), ``"opacity"`` or ``"random"`` (ablation controls).
     min_scale : the smallest standard deviation a free Gaussian keeps (``"plain"``; unit-ball units): log-scales are
-        clamped to ``log(min_scale)`` after every optimiser step. Without it, Adam (which rescales even a vanishing
-        gradient to a step of ~``lr_scales``) drives the flat axes of surface Gaussians down by the mean-scale
-        regulariser ~0.005-0.017 in log per step without limit: e^-16 by step 950 of a 1,500-step CPU fit, and one
-        such Gaussian made prune_check reject 13 % of the objects of the H100 end-to-end run ("degenerate scale");
-        a paper-length fit (20,000 steps) would underflow float32. A floor far below a pixel (gsplat's 0.3 px²
-        screen-space dilation dominates any axis under ~1e-3 here) leaves the renders as they are.
+        clamped to ``log(min_scale)`` after every optimiser step. Without it the flattest axes keep shrinking, with
+        or without the scale regulariser (a 1,500-step CPU fit of two objects at 64²: log-scale minimum -9.76 at step
+        550 with ``lambda_reg`` 0.01, -9.77 with 0; -19.4 at the end), since Adam turns even a vanishing gradient
+        into a step of ~``lr_scales`` and every split divides scales by 1.6. One such Gaussian made prune_check
+        reject 13 % of the objects of the H100 end-to-end run ("degenerate scale" < 1e-7); a paper-length fit
+        (20,000 steps) would underflow float32. A floor far below a pixel (gsplat's 0.3 px² screen-space dilation
+        dominates any axis under ~1e-3 here) leaves the renders as they are.
     ssim_kernels : how the loss's SSIM runs (:func:`~gaussian_atlas.fit.losses.ssim`): ``"auto"`` (CUDA: the
         fused Triton SSIM, else the Triton blur, else conv2d; CPU: conv2d), ``"fused"`` (the whole SSIM in Triton kernels), ``"triton"``,
         ``"torch"``. The same value to float32 rounding.
