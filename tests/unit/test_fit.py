@@ -52,24 +52,28 @@ def test_packed_fit_unpacks_each_object_at_the_origin(objects):
 
 def test_min_scale_floors_what_adam_drives_down(objects, monkeypatch):
     """Log-scales pushed down step after step (here fast: a strong scale regulariser and a large learning rate)
-    stop at ``log(min_scale)``, in every step's parameters and in the result (the unconstrained fit goes below)."""
-    drift = replace(CFG, steps=60, lr_scales=0.05, lambda_reg=1.0, densify=replace(CFG.densify, refine_stop_iter=0))
-    free = fit_objects(objects[:1], replace(drift, min_scale=1e-30))[0]
-    low = float(free.gaussians.log_scales.min())
-    floor = low + 1.0  # above where the unconstrained fit ended
-    seen = []
+    stop at ``log(min_scale)``, in every step's parameters (splits, which divide scales by 1.6, included) and in
+    the result; the unconstrained fit goes below it."""
     from gaussian_atlas.fit.plain import PlainFit
 
+    drift = replace(CFG, steps=60, lr_scales=0.05, lambda_reg=1.0,  # everything splits every 10 steps until 50
+                    densify=replace(CFG.densify, refine_start_iter=10, refine_every=10, refine_stop_iter=55,
+                                    grow_grad2d=1e-9, grow_scale3d=1e-9))
+    seen: list[float] = []
     orig = PlainFit.stats
 
-    def stats(self):  # every step's smallest log-scale, after the optimiser step and the floor
+    def stats(self):  # every step's smallest log-scale, after the optimiser step, the strategy and the floor
         seen.append(float(self.params["scales"].detach().min()))
         return orig(self)
 
     monkeypatch.setattr(PlainFit, "stats", stats)
+    free = fit_objects(objects[:1], replace(drift, min_scale=1e-30), on_step=lambda s, m: None)[0]
+    free_seen, seen[:] = list(seen), []
+    floor = free_seen[25]  # reached mid-way: later splits would put children under it
+    assert free_seen[-1] < floor - 0.5
     res = fit_objects(objects[:1], replace(drift, min_scale=float(np.exp(floor))), on_step=lambda s, m: None)[0]
     assert len(seen) == drift.steps and min(seen) >= floor - 1e-5
-    assert float(res.gaussians.log_scales.min()) >= floor - 1e-5 > low
+    assert float(res.gaussians.log_scales.min()) >= floor - 1e-5
     assert (res.gaussians.log_scales < floor + 1e-5).any()  # the floor held some Gaussians
 
 

@@ -11,7 +11,7 @@ A representation (:class:`~gaussian_atlas.fit.plain.PlainFit`,
 ``params``, the ``optimizers`` its ``strategy`` edits, its ``state``, and ``step_optimizers``
 (every optimiser to step). It gives the Gaussians to render (``splats() -> (activated
 (means, quats, scales, opacities, colours), info for the strategy)``), its counts
-(``stats()``), the bounds its parameters keep after every optimiser step (``constrain()``), its
+(``stats()``), the bounds its parameters keep after every step (``constrain()``, after the strategy), its
 learning-rate schedule (``decay()``), the work after the last step
 (``finish()``) and the per-object :class:`~gaussian_atlas.fit.FitResult` (``results()``).
 """
@@ -85,9 +85,9 @@ def fit_objects(objects: Sequence[FitInput], cfg: FitConfig, device: str | torch
         for opt in rep.step_optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        rep.constrain()
         rep.decay()
         rep.strategy.step_post_backward(rep.params, rep.optimizers, rep.state, step, info, packed=False)
+        rep.constrain()  # after the strategy too: a split divides scales by 1.6
         steps_done = step + 1
         if on_step is not None or (progress and step % 50 == 0):
             stats = {"loss": float(loss.detach()), "l1": float(l1.detach()), **rep.stats()}
